@@ -1,0 +1,136 @@
+//! The request-boundary error: every answer archmerge makes itself instead of
+//! the registry's.
+//!
+//! Each error knows who caused it ([`Fault`]), which status and OCI code it
+//! becomes, and renders the OCI error body. It is logged once, where
+//! `server` turns it into a response: client faults at debug, upstream
+//! faults at warn, internal ones at error. Errors the registry answered with
+//! are not [`ProxyError`]s: their responses pass through untouched.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+
+use crate::body::{self, Body};
+use crate::oci::{ErrorBody, ErrorCode, ERROR_CONTENT_TYPE};
+use crate::route::RouteError;
+
+/// Who caused an error; decides its status class and log level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// The client sent something archmerge refuses (4xx).
+    Client,
+    /// The registry was unreachable or too slow (502/503/504).
+    Upstream,
+    /// A bug or resource problem inside archmerge (500).
+    Internal,
+}
+
+/// An error that ends a request with an answer made by archmerge.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The path names an invalid repository, tag or digest.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// A manifest body over the limit (checked before the registry is asked).
+    #[error("manifest body exceeds the limit of {limit} bytes")]
+    ManifestTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The client's body could not be read (reset, or too slow).
+    #[error("reading the request body failed: {0}")]
+    ClientBody(String),
+    /// The registry could not be reached.
+    #[error("the registry is unreachable: {0}")]
+    UpstreamUnreachable(String),
+    /// The registry did not start answering in time.
+    #[error("the registry did not answer within {0:?}")]
+    UpstreamTimeout(Duration),
+    /// Something archmerge itself got wrong.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ProxyError {
+    /// Who caused it.
+    pub fn fault(&self) -> Fault {
+        match self {
+            ProxyError::Route(_) | ProxyError::ManifestTooLarge { .. } | ProxyError::ClientBody(_) => {
+                Fault::Client
+            }
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
+            ProxyError::Internal(_) => Fault::Internal,
+        }
+    }
+
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::Route(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OCI error code of the answer.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            ProxyError::Route(e) => e.code,
+            ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
+            ProxyError::ClientBody(_) => ErrorCode::ManifestInvalid,
+            ProxyError::UpstreamUnreachable(_)
+            | ProxyError::UpstreamTimeout(_)
+            | ProxyError::Internal(_) => ErrorCode::Unavailable,
+        }
+    }
+
+    /// Logs the error once, at the level its fault calls for, and renders it
+    /// as the response.
+    pub fn into_response(self, method: &http::Method, route: &'static str) -> Response<Body> {
+        let status = self.status().as_u16();
+        match self.fault() {
+            Fault::Client => tracing::debug!(%method, route, status, error = %self, "refused"),
+            Fault::Upstream => tracing::warn!(%method, route, status, error = %self, "upstream failed"),
+            Fault::Internal => tracing::error!(%method, route, status, error = %self, "internal error"),
+        }
+        error_response(self.status(), self.code(), &self.to_string())
+    }
+}
+
+/// An OCI error response with the given status, code and message.
+pub fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Response<Body> {
+    let bytes = Bytes::from(ErrorBody::render(code, message));
+    let mut resp = Response::new(body::full(bytes.clone()));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_who_caused_it() {
+        let too_big = ProxyError::ManifestTooLarge { limit: 4 };
+        assert_eq!(too_big.fault(), Fault::Client);
+        assert_eq!(too_big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(too_big.code(), ErrorCode::SizeInvalid);
+        let down = ProxyError::UpstreamUnreachable("refused".into());
+        assert_eq!(down.fault(), Fault::Upstream);
+        assert_eq!(down.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(down.code(), ErrorCode::Unavailable);
+        let slow = ProxyError::UpstreamTimeout(Duration::from_secs(1));
+        assert_eq!(slow.status(), StatusCode::GATEWAY_TIMEOUT);
+    }
+}

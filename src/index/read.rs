@@ -1,0 +1,496 @@
+//! The reading half of `index`: what a manifest from the registry is, which children of a
+//! buildx index an arch tag contributes, and what may be kept from a target's current index.
+//!
+//! Called by the merge engine with bytes it fetched. Pure; never panics on input.
+
+use oci_spec::image::{Descriptor, ImageIndex, MediaType};
+use serde_json::Value;
+
+use super::{
+    rename_platform_keys, Entry, EntryKind, EntrySource, IndexError, ANN_AMENDED, ANN_PREFIX,
+    ANN_REF_DIGEST, ANN_REF_TYPE, ANN_SOURCE_TAG, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
+    OCI_MANIFEST, REF_TYPE_ATTESTATION,
+};
+use crate::platform::{Platform, PlatformKey};
+
+/// Docker's image config media type: tells a Docker manifest from an OCI one by shape.
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+/// Docker schema1 media types, refused by name.
+const DOCKER_SCHEMA1: &[&str] = &[
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+];
+
+/// A parsed manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Manifest {
+    /// An image manifest (OCI or Docker schema2).
+    Image(ImageManifestInfo),
+    /// An image index or Docker manifest list; its `mediaType` is always set.
+    Index(ImageIndex),
+}
+
+/// What the merge engine needs of an image manifest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageManifestInfo {
+    /// The manifest's media type ([`OCI_MANIFEST`] or [`DOCKER_MANIFEST`]).
+    pub media_type: String,
+    /// Digest of its config blob (where os.version and friends live).
+    pub config_digest: String,
+    /// Media type of its config blob.
+    pub config_media_type: String,
+}
+
+/// The platform fields of an image config, each as present (non-empty) or not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConfigPlatform {
+    /// `os`.
+    pub os: Option<String>,
+    /// `architecture`.
+    pub architecture: Option<String>,
+    /// `variant`.
+    pub variant: Option<String>,
+    /// `os.version`.
+    pub os_version: Option<String>,
+    /// `os.features`.
+    pub os_features: Vec<String>,
+}
+
+/// What the target tag's current index means for the merge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TargetState {
+    /// archmerge wrote it: keep only what it had amended from something else.
+    Ours {
+        /// The entries marked [`ANN_AMENDED`].
+        amended: Vec<Entry>,
+    },
+    /// Somebody else wrote it (e.g. buildx): every entry is amended from it.
+    Foreign {
+        /// All its entries, amended from the index's digest.
+        entries: Vec<Entry>,
+    },
+}
+
+/// What a manifest is, decided by its JSON `mediaType`, else the Content-Type (parameters
+/// ignored; `application/json` and `application/octet-stream` say nothing), else its shape
+/// (`manifests` → index, `config` → image). OCI and Docker schema2 are accepted; schema1, other
+/// types and garbage are refused.
+///
+/// An index is read with the `os.version`/`os.features` platform keys intact (see the module
+/// doc of `index`); a missing `mediaType` is filled in with what was decided.
+pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Manifest, IndexError> {
+    let mut value: Value =
+        serde_json::from_slice(bytes).map_err(|e| IndexError::NotJson(e.to_string()))?;
+    let obj = value.as_object().ok_or(IndexError::NotAnObject)?;
+    if obj.get("schemaVersion").and_then(Value::as_u64) == Some(1) {
+        return Err(IndexError::Schema1);
+    }
+    let declared = match obj.get("mediaType") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(malformed("manifest", "mediaType is not a string")),
+    };
+    let header = content_type
+        .map(|ct| ct.split(';').next().unwrap_or_default().trim().to_ascii_lowercase())
+        .filter(|ct| !matches!(ct.as_str(), "" | "application/json" | "application/octet-stream"));
+    let media_type = match declared.or(header) {
+        Some(mt) => mt,
+        None if obj.contains_key("manifests") => OCI_INDEX.to_owned(),
+        None if obj.contains_key("config") => {
+            let config_type = obj.get("config").and_then(|c| c.get("mediaType"));
+            if config_type.and_then(Value::as_str) == Some(DOCKER_CONFIG) {
+                DOCKER_MANIFEST.to_owned()
+            } else {
+                OCI_MANIFEST.to_owned()
+            }
+        }
+        None if obj.contains_key("fsLayers") || obj.contains_key("signatures") => {
+            return Err(IndexError::Schema1)
+        }
+        None => return Err(IndexError::UnknownShape),
+    };
+    match media_type.as_str() {
+        OCI_INDEX | DOCKER_LIST => {
+            rename_platform_keys(&mut value, &[("os.version", "os_version"), ("os.features", "os_features")]);
+            let mut index: ImageIndex = serde_json::from_value(value)
+                .map_err(|e| malformed("image index", e))?;
+            if index.media_type().is_none() {
+                index.set_media_type(Some(MediaType::from(media_type.as_str())));
+            }
+            Ok(Manifest::Index(index))
+        }
+        OCI_MANIFEST | DOCKER_MANIFEST => {
+            let config = obj
+                .get("config")
+                .and_then(Value::as_object)
+                .ok_or_else(|| malformed("image manifest", "no config descriptor"))?;
+            let field = |k: &str| {
+                config
+                    .get(k)
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| malformed("image manifest", format!("config has no {k}")))
+            };
+            let config_digest = field("digest")?;
+            oci_spec::image::Digest::try_from(config_digest)
+                .map_err(|e| malformed("image manifest", e))?;
+            Ok(Manifest::Image(ImageManifestInfo {
+                config_media_type: field("mediaType")?.to_owned(),
+                config_digest: config_digest.to_owned(),
+                media_type,
+            }))
+        }
+        mt if DOCKER_SCHEMA1.contains(&mt) => Err(IndexError::Schema1),
+        _ => Err(IndexError::UnsupportedMediaType(media_type)),
+    }
+}
+
+/// Reads only `os`, `architecture`, `variant`, `os.version` and `os.features` from an image
+/// config. Tolerant: a field of the wrong type or an empty string counts as absent.
+pub fn parse_config_platform(bytes: &[u8]) -> Result<ConfigPlatform, IndexError> {
+    let value: Value =
+        serde_json::from_slice(bytes).map_err(|e| IndexError::NotJson(e.to_string()))?;
+    let obj = value.as_object().ok_or(IndexError::NotAnObject)?;
+    let text = |k: &str| {
+        obj.get(k)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+    };
+    let os_features = obj
+        .get("os.features")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_owned).collect())
+        .unwrap_or_default();
+    Ok(ConfigPlatform {
+        os: text("os"),
+        architecture: text("architecture"),
+        variant: text("variant"),
+        os_version: text("os.version"),
+        os_features,
+    })
+}
+
+/// The children of an arch tag that is itself an index (buildx with provenance/SBOM): the
+/// images whose normalised platform key is `want`, then the attestations that name one of
+/// them.
+///
+/// When no image matches but the index holds exactly one image, that one is taken: the alias
+/// decides the platform, as with a cross-built image whose config is wrong. `want` is
+/// compared as given; take it from [`Platform::key`].
+pub fn flatten(
+    index: &ImageIndex,
+    want: &PlatformKey,
+) -> Result<Vec<(Descriptor, EntryKind)>, IndexError> {
+    let images: Vec<&Descriptor> = index
+        .manifests()
+        .iter()
+        .filter(|d| attestation_of(d).is_none())
+        .collect();
+    let mut picked: Vec<&Descriptor> = images
+        .iter()
+        .copied()
+        .filter(|d| platform_of(d).key() == *want)
+        .collect();
+    if picked.is_empty() {
+        match images[..] {
+            [only] => picked.push(only),
+            _ => {
+                let found: Vec<String> = images.iter().map(|d| platform_of(d).key().to_string()).collect();
+                return Err(IndexError::PlatformNotFound {
+                    want: want.to_string(),
+                    found: found.join(", "),
+                });
+            }
+        }
+    }
+    let digests: Vec<String> = picked.iter().map(|d| d.digest().to_string()).collect();
+    let mut out: Vec<(Descriptor, EntryKind)> = picked
+        .into_iter()
+        .map(|d| (d.clone(), EntryKind::Image))
+        .collect();
+    for d in index.manifests() {
+        if let Some(of) = attestation_of(d).filter(|of| digests.contains(of)) {
+            out.push((d.clone(), EntryKind::Attestation { of }));
+        }
+    }
+    Ok(out)
+}
+
+/// What the target's current index means: ours if any entry carries an `io.archmerge.*`
+/// annotation (then only its [`ANN_AMENDED`] entries are kept), foreign otherwise (then all
+/// of them are, amended from `index_digest`).
+///
+/// Pass an index from [`parse_manifest`], so that `os.version` survived the reading.
+pub fn read_target_index(index_digest: &str, index: &ImageIndex) -> TargetState {
+    let ours = index.manifests().iter().any(has_archmerge_annotation);
+    let entries = index_entries(index_digest, index);
+    if ours {
+        TargetState::Ours {
+            amended: entries
+                .into_iter()
+                .filter(|e| matches!(e.source, EntrySource::Amended { .. }))
+                .collect(),
+        }
+    } else {
+        TargetState::Foreign { entries }
+    }
+}
+
+/// Every descriptor of an index as an [`Entry`]: managed when it carries [`ANN_SOURCE_TAG`],
+/// amended from [`ANN_AMENDED`]'s digest when it carries that, otherwise amended from
+/// `index_digest`. The platform is the descriptor's own (empty when it has none). For
+/// `inspect`, and for rebuilding an index from itself.
+pub fn index_entries(index_digest: &str, index: &ImageIndex) -> Vec<Entry> {
+    index
+        .manifests()
+        .iter()
+        .map(|d| {
+            let source = match (annotation(d, ANN_SOURCE_TAG), annotation(d, ANN_AMENDED)) {
+                (Some(tag), _) => EntrySource::Managed {
+                    arch_tag: tag.to_owned(),
+                },
+                (None, Some(from)) => EntrySource::Amended {
+                    from: from.to_owned(),
+                },
+                (None, None) => EntrySource::Amended {
+                    from: index_digest.to_owned(),
+                },
+            };
+            Entry {
+                descriptor: d.clone(),
+                platform: platform_of(d),
+                kind: attestation_of(d).map_or(EntryKind::Image, |of| EntryKind::Attestation { of }),
+                source,
+            }
+        })
+        .collect()
+}
+
+// === helpers ===
+
+fn malformed(what: &'static str, reason: impl ToString) -> IndexError {
+    IndexError::Malformed {
+        what,
+        reason: reason.to_string(),
+    }
+}
+
+fn annotation<'d>(d: &'d Descriptor, key: &str) -> Option<&'d str> {
+    d.annotations().as_ref()?.get(key).map(String::as_str)
+}
+
+fn has_archmerge_annotation(d: &Descriptor) -> bool {
+    d.annotations()
+        .as_ref()
+        .is_some_and(|a| a.keys().any(|k| k.starts_with(ANN_PREFIX)))
+}
+
+/// The image an attestation belongs to, if `d` is a buildx attestation manifest.
+fn attestation_of(d: &Descriptor) -> Option<String> {
+    if annotation(d, ANN_REF_TYPE) != Some(REF_TYPE_ATTESTATION) {
+        return None;
+    }
+    annotation(d, ANN_REF_DIGEST).map(str::to_owned)
+}
+
+fn platform_of(d: &Descriptor) -> Platform {
+    d.platform().as_ref().map(Platform::from_oci).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{build_index, IndexFormat};
+    use rstest::rstest;
+    use std::collections::BTreeMap;
+
+    fn dg(c: char) -> String {
+        format!("sha256:{}", c.to_string().repeat(64))
+    }
+
+    /// What `docker buildx build --platform linux/amd64,linux/arm64 --provenance=true` pushes.
+    fn buildx_index() -> String {
+        let image = |d: char, arch: &str| {
+            format!(r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":1000,"platform":{{"architecture":"{arch}","os":"linux"}}}}"#, dg(d))
+        };
+        let attestation = |d: char, of: char| {
+            format!(
+                r#"{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":500,"platform":{{"architecture":"unknown","os":"unknown"}},"annotations":{{"{ANN_REF_DIGEST}":"{}","{ANN_REF_TYPE}":"{REF_TYPE_ATTESTATION}"}}}}"#,
+                dg(d),
+                dg(of)
+            )
+        };
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{},{},{},{}]}}"#,
+            image('a', "amd64"),
+            image('b', "arm64"),
+            attestation('c', 'a'),
+            attestation('d', 'b'),
+        )
+    }
+
+    fn index(json: &str) -> ImageIndex {
+        match parse_manifest(None, json.as_bytes()).unwrap() {
+            Manifest::Index(i) => i,
+            Manifest::Image(_) => panic!("not an index"),
+        }
+    }
+
+    fn key(s: &str) -> PlatformKey {
+        Platform::parse(s).unwrap().key()
+    }
+
+    #[test]
+    fn flatten_takes_the_platform_and_its_attestations() {
+        let got = flatten(&index(&buildx_index()), &key("linux/arm64/v8")).unwrap();
+        let got: Vec<_> = got.iter().map(|(d, k)| (d.digest().to_string(), k.clone())).collect();
+        assert_eq!(
+            got,
+            [
+                (dg('b'), EntryKind::Image),
+                (dg('d'), EntryKind::Attestation { of: dg('b') })
+            ]
+        );
+    }
+
+    #[test]
+    fn flatten_names_the_missing_platform() {
+        let err = flatten(&index(&buildx_index()), &key("linux/386")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no image for linux/386 in the index (it lists: linux/amd64, linux/arm64/v8)"
+        );
+    }
+
+    #[test]
+    fn flatten_takes_a_lone_image_whatever_its_platform() {
+        let mut idx = index(&buildx_index());
+        let keep: Vec<_> = idx.manifests()[..1].iter().chain(&idx.manifests()[2..3]).cloned().collect();
+        idx.set_manifests(keep);
+        let got = flatten(&idx, &key("linux/arm64/v8")).unwrap();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0.digest().to_string(), dg('a'));
+        assert_eq!(got[1].1, EntryKind::Attestation { of: dg('a') });
+    }
+
+    #[test]
+    fn a_buildx_index_is_foreign_and_kept_whole() {
+        let TargetState::Foreign { entries } = read_target_index(&dg('f'), &index(&buildx_index())) else {
+            panic!("should be foreign");
+        };
+        let got: Vec<_> = entries
+            .iter()
+            .map(|e| (e.descriptor.digest().to_string(), e.platform.to_string(), e.kind.clone(), e.source.clone()))
+            .collect();
+        let from = EntrySource::Amended { from: dg('f') };
+        assert_eq!(
+            got,
+            [
+                (dg('a'), "linux/amd64".into(), EntryKind::Image, from.clone()),
+                (dg('b'), "linux/arm64".into(), EntryKind::Image, from.clone()),
+                (dg('c'), "unknown/unknown".into(), EntryKind::Attestation { of: dg('a') }, from.clone()),
+                (dg('d'), "unknown/unknown".into(), EntryKind::Attestation { of: dg('b') }, from),
+            ]
+        );
+    }
+
+    #[test]
+    fn our_index_keeps_only_what_it_amended() {
+        let TargetState::Foreign { mut entries } = read_target_index(&dg('f'), &index(&buildx_index())) else {
+            panic!("should be foreign");
+        };
+        // arm64 is now pushed as an arch tag: its managed entry replaces the amended one.
+        entries[1].source = EntrySource::Managed {
+            arch_tag: "aarch64_v1".into(),
+        };
+        entries[3].source = entries[1].source.clone();
+        let built = build_index(&entries, IndexFormat::Auto, &BTreeMap::new()).unwrap();
+        let TargetState::Ours { amended } = read_target_index(&built.digest, &index(std::str::from_utf8(&built.bytes).unwrap())) else {
+            panic!("should be ours");
+        };
+        let got: Vec<_> = amended.iter().map(|e| (e.descriptor.digest().to_string(), e.kind.clone(), e.source.clone())).collect();
+        let from = EntrySource::Amended { from: dg('f') };
+        assert_eq!(
+            got,
+            [
+                (dg('a'), EntryKind::Image, from.clone()),
+                (dg('c'), EntryKind::Attestation { of: dg('a') }, from),
+            ]
+        );
+    }
+
+    const CONFIG: &str = r#""config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":7}"#;
+    const DOCKER_CONFIG_DESC: &str = r#""config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:1111111111111111111111111111111111111111111111111111111111111111","size":7}"#;
+
+    #[rstest]
+    #[case(None, format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}",{CONFIG},"layers":[]}}"#), OCI_MANIFEST)]
+    #[case(None, format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_MANIFEST}",{DOCKER_CONFIG_DESC},"layers":[]}}"#), DOCKER_MANIFEST)]
+    #[case(Some(OCI_MANIFEST), format!(r#"{{"schemaVersion":2,{CONFIG},"layers":[]}}"#), OCI_MANIFEST)]
+    #[case(Some("application/vnd.docker.distribution.manifest.v2+json; charset=utf-8"), format!(r#"{{"schemaVersion":2,{DOCKER_CONFIG_DESC}}}"#), DOCKER_MANIFEST)]
+    #[case(Some("application/json"), format!(r#"{{"schemaVersion":2,{CONFIG}}}"#), OCI_MANIFEST)]
+    #[case(None, format!(r#"{{"schemaVersion":2,{DOCKER_CONFIG_DESC}}}"#), DOCKER_MANIFEST)]
+    fn parses_images(#[case] content_type: Option<&str>, #[case] body: String, #[case] media_type: &str) {
+        let got = parse_manifest(content_type, body.as_bytes()).unwrap();
+        let Manifest::Image(info) = got else { panic!("not an image") };
+        assert_eq!(info.media_type, media_type);
+        assert_eq!(info.config_digest, format!("sha256:{}", "1".repeat(64)));
+        assert!(info.config_media_type.ends_with("+json"));
+    }
+
+    #[rstest]
+    #[case(None, format!(r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[]}}"#), OCI_INDEX)]
+    #[case(None, format!(r#"{{"schemaVersion":2,"mediaType":"{DOCKER_LIST}","manifests":[]}}"#), DOCKER_LIST)]
+    #[case(Some(DOCKER_LIST), r#"{"schemaVersion":2,"manifests":[]}"#.to_owned(), DOCKER_LIST)]
+    #[case(None, r#"{"schemaVersion":2,"manifests":[]}"#.to_owned(), OCI_INDEX)]
+    fn parses_indexes(#[case] content_type: Option<&str>, #[case] body: String, #[case] media_type: &str) {
+        let Manifest::Index(i) = parse_manifest(content_type, body.as_bytes()).unwrap() else {
+            panic!("not an index")
+        };
+        assert_eq!(i.media_type().as_ref().map(|m| m.to_string()).as_deref(), Some(media_type));
+    }
+
+    #[test]
+    fn os_version_survives_parsing() {
+        let body = format!(
+            r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":1,"platform":{{"architecture":"amd64","os":"windows","os.version":"10.0.17763.1","os.features":["win32k"]}}}}]}}"#,
+            dg('a')
+        );
+        let entries = index_entries(&dg('f'), &index(&body));
+        assert_eq!(entries[0].platform.os_version.as_deref(), Some("10.0.17763.1"));
+        assert_eq!(entries[0].platform.os_features, ["win32k"]);
+    }
+
+    #[rstest]
+    #[case(None, "not json", "not JSON")]
+    #[case(None, "[]", "not a JSON object")]
+    #[case(None, "{}", "cannot tell")]
+    #[case(None, r#"{"schemaVersion":1,"name":"x","fsLayers":[]}"#, "schema1")]
+    #[case(Some("application/vnd.docker.distribution.manifest.v1+prettyjws"), r#"{"name":"x"}"#, "schema1")]
+    #[case(None, r#"{"mediaType":"application/vnd.oci.artifact.manifest.v1+json"}"#, "unsupported")]
+    #[case(None, r#"{"mediaType":7}"#, "malformed manifest")]
+    #[case(None, r#"{"schemaVersion":2,"manifests":[{"mediaType":"x","digest":"sha256:zz","size":1}]}"#, "malformed image index")]
+    #[case(None, r#"{"schemaVersion":2,"config":{"mediaType":"x","digest":"nope"}}"#, "malformed image manifest")]
+    #[case(None, r#"{"schemaVersion":2,"config":{"digest":"sha256:1"}}"#, "malformed image manifest")]
+    fn refuses_garbage(#[case] content_type: Option<&str>, #[case] body: &str, #[case] says: &str) {
+        let err = parse_manifest(content_type, body.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains(says), "{err}");
+    }
+
+    #[test]
+    fn config_platform_is_read_tolerantly() {
+        let body = br#"{"architecture":"arm","os":"linux","variant":"v7","os.version":"","os.features":["a",3],"config":{"Env":[]},"rootfs":{}}"#;
+        let got = parse_config_platform(body).unwrap();
+        assert_eq!(
+            got,
+            ConfigPlatform {
+                os: Some("linux".into()),
+                architecture: Some("arm".into()),
+                variant: Some("v7".into()),
+                os_version: None,
+                os_features: vec!["a".into()],
+            }
+        );
+        assert_eq!(parse_config_platform(br#"{"os":5}"#).unwrap(), ConfigPlatform::default());
+        assert!(parse_config_platform(b"\x00").is_err());
+    }
+}

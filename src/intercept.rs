@@ -1,0 +1,133 @@
+//! Manifest PUT and DELETE: forward to the registry first, then hand arch
+//! tags to the merge.
+//!
+//! The order is the guarantee. The client's manifest is buffered (≤ 4 MiB,
+//! refused with 413 before the registry is asked), forwarded, and only when
+//! the registry accepted it is the target index brought up to date — before
+//! the client gets the registry's own answer, so the last push of a CI run
+//! returns with the index complete. A failed merge never changes that
+//! answer: it is logged, counted and retried by `merge`. Nothing here reads
+//! or writes indexes itself.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::forward::{self, proxy_error, ClientSide};
+use crate::oci::MAX_MANIFEST_BYTES;
+use crate::route::Reference;
+use crate::server::App;
+use crate::upstream::{Auth, FetchedManifest};
+
+/// A manifest PUT: buffer, forward, merge when it was an arch tag, answer.
+pub async fn put_manifest(
+    app: &App,
+    req: Request<Incoming>,
+    repo: String,
+    reference: Reference,
+    client: ClientSide,
+) -> Result<Response<Body>, ProxyError> {
+    let (repo, client) = (repo.as_str(), &client);
+    let (parts, incoming) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        return Err(ProxyError::ManifestTooLarge {
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    let bytes = read_manifest_body(incoming).await?;
+    let media_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let auth = Auth(parts.headers.get(header::AUTHORIZATION).cloned());
+
+    let mut up = forward::upstream_request(&app.upstream, parts, body::full(bytes.clone()), client);
+    up.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+    let resp = app.upstream.send(up).await.map_err(proxy_error)?;
+    let accepted_at = Instant::now();
+    if !resp.status().is_success() {
+        // The registry's refusal (malformed manifest, auth, …) goes back as
+        // it was sent; no index is touched.
+        return Ok(forward::downstream_response(resp, &app.upstream, client));
+    }
+    let Reference::Tag(tag) = reference else {
+        return Ok(forward::downstream_response(resp, &app.upstream, client));
+    };
+    let Some(arch) = app.config.merge.rules.match_tag(&tag) else {
+        return Ok(forward::downstream_response(resp, &app.upstream, client));
+    };
+    // Take the registry's (small) answer off the connection before the
+    // merge's own calls, so the pooled connection is free for them.
+    let (mut parts, incoming) = resp.into_parts();
+    forward::downstream_parts(&mut parts, &app.upstream, client);
+    let answer = Limited::new(incoming, MAX_MANIFEST_BYTES)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .unwrap_or_default();
+    let pushed = FetchedManifest {
+        digest: crate::index::sha256_digest(&bytes),
+        bytes,
+        media_type,
+    };
+    app.merger
+        .after_push(repo, &arch, Some(pushed), &auth, accepted_at)
+        .await;
+    Ok(Response::from_parts(parts, body::full(answer)))
+}
+
+/// A manifest DELETE: forward, then rebuild every target that listed it.
+pub async fn delete_manifest(
+    app: &App,
+    req: Request<Incoming>,
+    repo: String,
+    reference: Reference,
+    client: ClientSide,
+) -> Result<Response<Body>, ProxyError> {
+    let (repo, client) = (repo.as_str(), &client);
+    let auth = Auth(req.headers().get(header::AUTHORIZATION).cloned());
+    // Which targets does this manifest feed? Ask before it is gone: after a
+    // delete by digest the registry no longer says which tags pointed at it.
+    let targets = match &reference {
+        Reference::Digest(digest) => app.merger.targets_of_digest(repo, digest, &auth).await,
+        Reference::Tag(tag) => app
+            .config
+            .merge
+            .rules
+            .match_tag(tag)
+            .map(|a| vec![a.target])
+            .unwrap_or_default(),
+    };
+    let resp = forward::forward(&app.upstream, req, client).await?;
+    if resp.status().is_success() {
+        let since = Instant::now();
+        for target in targets {
+            app.merger.after_delete(repo, &target, &auth, since).await;
+        }
+    }
+    Ok(resp)
+}
+
+/// Buffers a manifest body, refusing more than the limit.
+async fn read_manifest_body(incoming: Incoming) -> Result<Bytes, ProxyError> {
+    match Limited::new(incoming, MAX_MANIFEST_BYTES).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::ManifestTooLarge {
+            limit: MAX_MANIFEST_BYTES,
+        }),
+        Err(e) => Err(ProxyError::ClientBody(e.to_string())),
+    }
+}

@@ -1,0 +1,654 @@
+//! Bringing a target's index up to date: rebuilt from the registry, one
+//! rebuild at a time per target, verified until stable.
+//!
+//! # Why this converges, with any number of replicas
+//!
+//! The registry is the only source of truth. A rebuild never patches the
+//! last list written; it lists the repository's tags, takes every arch tag
+//! of the target with the digest it points at (the *snapshot*), builds the
+//! canonical index from exactly that, writes it if the bytes differ, and
+//! then takes the snapshot again. If the second snapshot differs, an arch
+//! push landed meanwhile and the rebuild runs again; if it is equal, the
+//! index written reflects every arch tag present at a moment *after* the
+//! write.
+//!
+//! Take the last write to a target, by any replica. Its writer verified
+//! after writing, saw the snapshot it built from, and stopped — so every
+//! arch push that completed before that verification is in the index. A
+//! push that completed later has its own rebuild, which starts after the
+//! push, hence after that write, and would have written again had the
+//! bytes differed — contradicting "last". So once pushes stop, the index
+//! lists every arch tag present, whatever the interleaving across replicas.
+//! Canonical bytes make concurrent writers of the same snapshot write the
+//! same digest, so racing writes are harmless.
+//!
+//! Inside one process, rebuilds of one target are serialised by an async
+//! lock per target (a `DashMap` of `tokio::sync::Mutex`, never held across
+//! the map's own guard). A push that waited for the lock skips its rebuild
+//! when a rebuild that *started after the push was accepted* has since
+//! converged: that rebuild's snapshot already contained the push. Eight
+//! arches pushed at once through one replica thus cost about two rebuilds,
+//! not eight.
+//!
+//! Per-digest facts (a manifest's parsed form, an image config's platform)
+//! are immutable and cached in moka; tags are never cached, since they move.
+//!
+//! A rebuild that fails (registry down, credentials expired mid-way) is
+//! logged, counted, and retried in the background with backoff; the push
+//! that triggered it has already been answered with the registry's answer.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::future::try_join_all;
+use moka::future::Cache;
+use tokio::sync::Mutex;
+
+use crate::config::MergeConfig;
+use crate::index::{
+    self, build_index, entry_platform, flatten, parse_config_platform, parse_manifest,
+    read_target_index, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, TargetState,
+};
+use crate::metrics::{CacheLabels, Metrics};
+use crate::platform::Platform;
+use crate::rules::ArchTag;
+use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
+
+/// Rebuild rounds before a merge gives up for now (and retries later).
+const MAX_ROUNDS: usize = 8;
+/// Background retries: first delay, cap, and how long to keep trying.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
+
+/// Why a rebuild failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    /// A registry call failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// An arch tag's manifest could not be used.
+    #[error("arch tag {tag}: {reason}")]
+    BadChild {
+        /// The arch tag.
+        tag: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The target holds something archmerge cannot amend.
+    #[error("target holds content archmerge will not overwrite: {0}")]
+    Unmergeable(String),
+    /// Building the index failed.
+    #[error("building the index: {0}")]
+    Index(String),
+    /// Pushes kept landing during every round.
+    #[error("no stable snapshot after {0} rounds")]
+    NotConverged(usize),
+}
+
+/// What one rebuild did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A new index was written.
+    Written,
+    /// The index already had these bytes.
+    Unchanged,
+    /// A rebuild that started after this push already converged.
+    Coalesced,
+    /// The last managed entry went; the index was deleted.
+    Removed,
+    /// The last managed entry went; what the index amended was put back.
+    Restored,
+    /// No arch tag and nothing of archmerge's at the target.
+    Nothing,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Written => "written",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Coalesced => "coalesced",
+            Outcome::Removed => "removed",
+            Outcome::Restored => "restored",
+            Outcome::Nothing => "nothing",
+        }
+    }
+}
+
+/// Which arch tags a target has, and the digest each points at.
+type Snapshot = BTreeMap<String, (ArchTag, String)>;
+
+/// A manifest's parsed form, cached by digest.
+struct Facts {
+    media_type: String,
+    size: u64,
+    manifest: Manifest,
+}
+
+/// The per-target serialisation point.
+#[derive(Default)]
+struct Slot {
+    /// Start time of the latest rebuild that converged; a push accepted
+    /// before it needs no rebuild of its own.
+    converged_start: Mutex<Option<Instant>>,
+}
+
+type TargetKey = (String, String);
+
+/// The merge engine, shared by every request.
+pub struct Merger {
+    upstream: Upstream,
+    config: MergeConfig,
+    metrics: Arc<Metrics>,
+    /// One async lock per target being rebuilt. Entries are removed when no
+    /// request holds them, so the map stays as small as the work in flight.
+    slots: DashMap<TargetKey, Arc<Slot>>,
+    /// Targets with a background retry pending (one retry loop per target).
+    retrying: DashMap<TargetKey, ()>,
+    /// Manifest digest → parsed facts. Immutable by content addressing.
+    manifests: Cache<String, Arc<Facts>>,
+    /// Config digest → platform details. Immutable by content addressing.
+    configs: Cache<String, Arc<ConfigPlatform>>,
+}
+
+impl Merger {
+    /// Creates the engine.
+    pub fn new(upstream: Upstream, config: MergeConfig, metrics: Arc<Metrics>) -> Merger {
+        Merger {
+            upstream,
+            config,
+            metrics,
+            slots: DashMap::new(),
+            retrying: DashMap::new(),
+            manifests: Cache::builder()
+                .weigher(|_k, v: &Arc<Facts>| (v.size as u32).max(64))
+                .max_capacity(64 * 1024 * 1024)
+                .build(),
+            configs: Cache::builder().max_capacity(100_000).build(),
+        }
+    }
+
+    /// After the registry accepted a push of an arch tag: bring its target
+    /// up to date before the client is answered. Failures are retried in the
+    /// background; this never fails the push.
+    pub async fn after_push(
+        self: &Arc<Self>,
+        repo: &str,
+        arch: &ArchTag,
+        pushed: Option<FetchedManifest>,
+        auth: &Auth,
+        accepted_at: Instant,
+    ) {
+        if let Some(m) = pushed {
+            if let Ok(manifest) = parse_manifest(Some(&m.media_type), &m.bytes) {
+                let facts = Facts {
+                    media_type: media_type_of(&m.media_type, &manifest),
+                    size: m.bytes.len() as u64,
+                    manifest,
+                };
+                self.manifests.insert(m.digest, Arc::new(facts)).await;
+            }
+        }
+        self.update(repo, &arch.target, auth, accepted_at).await;
+    }
+
+    /// After the registry deleted a manifest that `target` listed.
+    pub async fn after_delete(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth, since: Instant) {
+        self.update(repo, target, auth, since).await;
+    }
+
+    /// The targets whose arch tags point at `digest` right now.
+    pub async fn targets_of_digest(&self, repo: &str, digest: &str, auth: &Auth) -> Vec<String> {
+        let Ok(tags) = self.upstream.list_tags(repo, auth).await else {
+            return Vec::new();
+        };
+        let arch: Vec<ArchTag> = tags
+            .iter()
+            .filter_map(|t| self.config.rules.match_tag(t))
+            .collect();
+        let heads = arch.iter().map(|a| async move {
+            let d = self.upstream.head_manifest(repo, &a.tag, auth).await;
+            (a.target.clone(), d)
+        });
+        let mut targets = BTreeSet::new();
+        for (target, d) in futures_util::future::join_all(heads).await {
+            if matches!(d, Ok(Some(ref d)) if d == digest) {
+                targets.insert(target);
+            }
+        }
+        targets.into_iter().collect()
+    }
+
+    /// Rebuilds one target; on failure, logs, counts and schedules retries.
+    pub async fn update(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth, since: Instant) {
+        let started = Instant::now();
+        match self.converge(repo, target, auth, since).await {
+            Ok(outcome) => {
+                self.metrics.merge(outcome.label());
+                self.metrics
+                    .merge_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(
+                    repo,
+                    reference = target,
+                    outcome = outcome.label(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "merge"
+                );
+            }
+            Err(e) => {
+                self.metrics.merge("failed");
+                tracing::warn!(repo, reference = target, error = %e, "merge failed; retrying in the background");
+                self.spawn_retry(repo, target, auth);
+            }
+        }
+    }
+
+    /// Rebuild under the target's lock, until a snapshot taken after the
+    /// write equals the one the write was built from.
+    pub async fn converge(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        since: Instant,
+    ) -> Result<Outcome, MergeError> {
+        let key = (repo.to_owned(), target.to_owned());
+        // Clone the Arc out so no map guard lives across an await.
+        let slot = self.slots.entry(key.clone()).or_default().clone();
+        let result = {
+            let mut converged = slot.converged_start.lock().await;
+            if converged.is_some_and(|t| t >= since) {
+                Ok(Outcome::Coalesced)
+            } else {
+                let started = Instant::now();
+                let r = self.rebuild_until_stable(repo, target, auth).await;
+                if r.is_ok() {
+                    *converged = Some(started);
+                }
+                r
+            }
+        };
+        drop(slot);
+        // The map's own Arc is the only one left when nobody waits.
+        self.slots.remove_if(&key, |_, s| Arc::strong_count(s) == 1);
+        result
+    }
+
+    async fn rebuild_until_stable(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+    ) -> Result<Outcome, MergeError> {
+        let mut snapshot = self.snapshot(repo, target, auth).await?;
+        let mut outcome = Outcome::Nothing;
+        for _ in 0..MAX_ROUNDS {
+            let this = self.rebuild(repo, target, &snapshot, auth).await?;
+            // Keep the most telling outcome across rounds.
+            if outcome == Outcome::Nothing || this != Outcome::Unchanged {
+                outcome = this;
+            }
+            let after = self.snapshot(repo, target, auth).await?;
+            if after == snapshot {
+                return Ok(outcome);
+            }
+            snapshot = after;
+        }
+        Err(MergeError::NotConverged(MAX_ROUNDS))
+    }
+
+    /// The target's arch tags and their digests, from the registry.
+    async fn snapshot(&self, repo: &str, target: &str, auth: &Auth) -> Result<Snapshot, MergeError> {
+        let tags = self.upstream.list_tags(repo, auth).await?;
+        let arch = self
+            .config
+            .rules
+            .arch_tags_for_target(tags.iter().map(String::as_str), target);
+        let heads = arch.into_iter().map(|a| async move {
+            let d = self.upstream.head_manifest(repo, &a.tag, auth).await?;
+            Ok::<_, UpstreamError>(d.map(|d| (a.tag.clone(), (a, d))))
+        });
+        Ok(try_join_all(heads).await?.into_iter().flatten().collect())
+    }
+
+    /// One rebuild from one snapshot.
+    async fn rebuild(
+        &self,
+        repo: &str,
+        target: &str,
+        snapshot: &Snapshot,
+        auth: &Auth,
+    ) -> Result<Outcome, MergeError> {
+        let children = snapshot
+            .values()
+            .map(|(arch, digest)| self.arch_entries(repo, arch, digest, auth));
+        let managed: Vec<Entry> = try_join_all(children).await?.into_iter().flatten().collect();
+
+        let current = self.upstream.get_manifest(repo, target, auth).await?;
+        let (ours, amended) = match &current {
+            None => (false, Vec::new()),
+            Some(m) => self.read_current(repo, m, auth).await?,
+        };
+        let provided: BTreeSet<_> = managed
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Image))
+            .map(|e| e.platform.key())
+            .collect();
+        let kept_images: BTreeSet<String> = amended
+            .iter()
+            .filter(|e| matches!(e.kind, EntryKind::Image) && !provided.contains(&e.platform.key()))
+            .map(|e| e.descriptor.digest().to_string())
+            .collect();
+        let kept: Vec<Entry> = amended
+            .into_iter()
+            .filter(|e| match &e.kind {
+                EntryKind::Image => kept_images.contains(&e.descriptor.digest().to_string()),
+                EntryKind::Attestation { of } => kept_images.contains(of),
+            })
+            .collect();
+
+        if managed.is_empty() {
+            return match (ours, current) {
+                (true, Some(current)) => self.fall_back(repo, target, &current, kept, auth).await,
+                _ => Ok(Outcome::Nothing),
+            };
+        }
+
+        let mut entries = managed;
+        entries.extend(kept);
+        let built = build_index(&entries, self.config.index_format, &BTreeMap::new())
+            .map_err(|e| MergeError::Index(e.to_string()))?;
+        if current.as_ref().is_some_and(|c| c.digest == built.digest) {
+            self.metrics.writes_skipped.inc();
+            return Ok(Outcome::Unchanged);
+        }
+        self.upstream
+            .put_manifest(repo, target, built.media_type, Bytes::from(built.bytes), auth)
+            .await?;
+        tracing::debug!(repo, reference = target, digest = %built.digest, "index written");
+        Ok(Outcome::Written)
+    }
+
+    /// What the target holds now: whether archmerge made it, and the entries
+    /// to keep from what it did not make.
+    async fn read_current(
+        &self,
+        repo: &str,
+        current: &FetchedManifest,
+        auth: &Auth,
+    ) -> Result<(bool, Vec<Entry>), MergeError> {
+        let parsed = parse_manifest(Some(&current.media_type), &current.bytes)
+            .map_err(|e| MergeError::Unmergeable(e.to_string()))?;
+        match parsed {
+            Manifest::Index(idx) => Ok(match read_target_index(&current.digest, &idx) {
+                TargetState::Ours { amended } => (true, amended),
+                TargetState::Foreign { entries } => (false, entries),
+            }),
+            Manifest::Image(info) => {
+                let config = self.config_platform(repo, &info.config_digest, auth).await?;
+                let platform = Platform {
+                    os: config.os.clone().unwrap_or_else(|| "unknown".into()),
+                    architecture: config.architecture.clone().unwrap_or_else(|| "unknown".into()),
+                    variant: config.variant.clone(),
+                    os_version: config.os_version.clone(),
+                    os_features: config.os_features.clone(),
+                }
+                .normalized();
+                let descriptor = descriptor(&info.media_type, &current.digest, current.bytes.len() as u64)?;
+                Ok((
+                    false,
+                    vec![Entry {
+                        descriptor,
+                        platform,
+                        kind: EntryKind::Image,
+                        source: EntrySource::Amended {
+                            from: current.digest.clone(),
+                        },
+                    }],
+                ))
+            }
+        }
+    }
+
+    /// The last managed entry is gone: put back what the index amended, or
+    /// delete the index when it amended nothing.
+    async fn fall_back(
+        &self,
+        repo: &str,
+        target: &str,
+        current: &FetchedManifest,
+        kept: Vec<Entry>,
+        auth: &Auth,
+    ) -> Result<Outcome, MergeError> {
+        if kept.is_empty() {
+            self.upstream.delete_manifest(repo, &current.digest, auth).await?;
+            return Ok(Outcome::Removed);
+        }
+        let origins: BTreeSet<&str> = kept
+            .iter()
+            .filter_map(|e| match &e.source {
+                EntrySource::Amended { from } => Some(from.as_str()),
+                EntrySource::Managed { .. } => None,
+            })
+            .collect();
+        if let [from] = origins.into_iter().collect::<Vec<_>>()[..] {
+            if let Some(original) = self.upstream.get_manifest(repo, from, auth).await? {
+                self.upstream
+                    .put_manifest(repo, target, &original.media_type, original.bytes, auth)
+                    .await?;
+                return Ok(Outcome::Restored);
+            }
+        }
+        let built = build_index(&kept, self.config.index_format, &BTreeMap::new())
+            .map_err(|e| MergeError::Index(e.to_string()))?;
+        self.upstream
+            .put_manifest(repo, target, built.media_type, Bytes::from(built.bytes), auth)
+            .await?;
+        Ok(Outcome::Restored)
+    }
+
+    /// The entries one arch tag contributes: its image, or the flattened
+    /// images and attestations of its index.
+    async fn arch_entries(
+        &self,
+        repo: &str,
+        arch: &ArchTag,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<Vec<Entry>, MergeError> {
+        let facts = self.facts(repo, digest, auth).await?;
+        let managed = EntrySource::Managed {
+            arch_tag: arch.tag.clone(),
+        };
+        match &facts.manifest {
+            Manifest::Image(info) => {
+                let config = self.config_platform(repo, &info.config_digest, auth).await.ok();
+                let platform = self.decide_platform(repo, arch, config.as_deref());
+                Ok(vec![Entry {
+                    descriptor: descriptor(&facts.media_type, digest, facts.size)?,
+                    platform,
+                    kind: EntryKind::Image,
+                    source: managed,
+                }])
+            }
+            Manifest::Index(idx) => {
+                let picked = flatten(idx, &arch.platform.key()).map_err(|e| MergeError::BadChild {
+                    tag: arch.tag.clone(),
+                    reason: e.to_string(),
+                })?;
+                Ok(picked
+                    .into_iter()
+                    .map(|(d, kind)| {
+                        let platform = match kind {
+                            EntryKind::Image => {
+                                let details = d.platform().as_ref().map(|p| {
+                                    let p = Platform::from_oci(p);
+                                    ConfigPlatform {
+                                        os: Some(p.os),
+                                        architecture: Some(p.architecture),
+                                        variant: p.variant,
+                                        os_version: p.os_version,
+                                        os_features: p.os_features,
+                                    }
+                                });
+                                self.decide_platform(repo, arch, details.as_ref())
+                            }
+                            EntryKind::Attestation { .. } => d
+                                .platform()
+                                .as_ref()
+                                .map(Platform::from_oci)
+                                .unwrap_or_default(),
+                        };
+                        Entry {
+                            descriptor: d,
+                            platform,
+                            kind,
+                            source: managed.clone(),
+                        }
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    fn decide_platform(&self, repo: &str, arch: &ArchTag, config: Option<&ConfigPlatform>) -> Platform {
+        let (platform, mismatch) = entry_platform(&arch.platform, config, self.config.platform_source);
+        if let Some(m) = mismatch {
+            self.metrics.platform_mismatches.inc();
+            tracing::warn!(
+                repo,
+                reference = %arch.tag,
+                platform = %m.alias,
+                config_platform = %m.config,
+                "image config disagrees with the tag alias"
+            );
+        }
+        platform
+    }
+
+    async fn facts(&self, repo: &str, digest: &str, auth: &Auth) -> Result<Arc<Facts>, MergeError> {
+        let labels = CacheLabels { cache: "manifest" };
+        if let Some(f) = self.manifests.get(digest).await {
+            self.metrics.cache_hits.get_or_create(&labels).inc();
+            return Ok(f);
+        }
+        self.metrics.cache_misses.get_or_create(&labels).inc();
+        let load = async {
+            let m = self
+                .upstream
+                .get_manifest(repo, digest, auth)
+                .await?
+                .ok_or_else(|| MergeError::BadChild {
+                    tag: digest.to_owned(),
+                    reason: "manifest vanished".into(),
+                })?;
+            let manifest = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| MergeError::BadChild {
+                tag: digest.to_owned(),
+                reason: e.to_string(),
+            })?;
+            Ok::<_, MergeError>(Arc::new(Facts {
+                media_type: media_type_of(&m.media_type, &manifest),
+                size: m.bytes.len() as u64,
+                manifest,
+            }))
+        };
+        self.manifests
+            .try_get_with(digest.to_owned(), load)
+            .await
+            .map_err(|e| MergeError::Index(e.to_string()))
+    }
+
+    async fn config_platform(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<Arc<ConfigPlatform>, MergeError> {
+        let labels = CacheLabels { cache: "config" };
+        if let Some(c) = self.configs.get(digest).await {
+            self.metrics.cache_hits.get_or_create(&labels).inc();
+            return Ok(c);
+        }
+        self.metrics.cache_misses.get_or_create(&labels).inc();
+        let load = async {
+            let bytes = self.upstream.get_small_blob(repo, digest, auth).await?;
+            let c = parse_config_platform(&bytes).map_err(|e| MergeError::BadChild {
+                tag: digest.to_owned(),
+                reason: e.to_string(),
+            })?;
+            Ok::<_, MergeError>(Arc::new(c))
+        };
+        self.configs
+            .try_get_with(digest.to_owned(), load)
+            .await
+            .map_err(|e| MergeError::Index(e.to_string()))
+    }
+
+    /// Keeps retrying a failed target in the background, with backoff, until
+    /// it converges or the retry window closes. One loop per target.
+    fn spawn_retry(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth) {
+        let key = (repo.to_owned(), target.to_owned());
+        if self.retrying.insert(key.clone(), ()).is_some() {
+            return;
+        }
+        let this = self.clone();
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + RETRY_FOR;
+            let mut delay = RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                this.metrics.merge_retries.inc();
+                match this.converge(&key.0, &key.1, &auth, Instant::now()).await {
+                    Ok(outcome) => {
+                        this.metrics.merge(outcome.label());
+                        tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");
+                        break;
+                    }
+                    Err(e) if Instant::now() < deadline && !matches!(e, MergeError::Upstream(ref u) if u.is_auth()) => {
+                        tracing::warn!(repo = %key.0, reference = %key.1, error = %e, retry_in_s = delay.as_secs(), "merge retry failed");
+                        delay = (delay * 2).min(RETRY_CAP);
+                    }
+                    Err(e) => {
+                        this.metrics.merge("abandoned");
+                        tracing::error!(repo = %key.0, reference = %key.1, error = %e, "merge retries given up; run `archmerge reconcile`");
+                        break;
+                    }
+                }
+            }
+            this.retrying.remove(&key);
+        });
+    }
+}
+
+/// The media type to list a child under: the registry's `Content-Type`,
+/// or, when it sent none, what the manifest itself declares.
+fn media_type_of(content_type: &str, manifest: &Manifest) -> String {
+    if !content_type.is_empty() && content_type != "application/octet-stream" {
+        return content_type.to_owned();
+    }
+    match manifest {
+        Manifest::Image(info) => info.media_type.clone(),
+        Manifest::Index(_) => index::OCI_INDEX.to_owned(),
+    }
+}
+
+fn descriptor(
+    media_type: &str,
+    digest: &str,
+    size: u64,
+) -> Result<oci_spec::image::Descriptor, MergeError> {
+    let digest: oci_spec::image::Digest = digest
+        .parse()
+        .map_err(|e: oci_spec::OciSpecError| MergeError::Index(e.to_string()))?;
+    Ok(oci_spec::image::Descriptor::new(
+        oci_spec::image::MediaType::from(media_type),
+        size,
+        digest,
+    ))
+}

@@ -1,0 +1,186 @@
+//! The client listener: accept loop, HTTP/1.1 and HTTP/2 on one port,
+//! per-request dispatch, graceful shutdown.
+//!
+//! [`run`] takes its listener and shutdown future from the caller, so tests
+//! bind port 0 and run a real server. Each request is routed once
+//! ([`crate::route::parse`]) and then either forwarded untouched or handed to
+//! `intercept` (manifest PUT and DELETE); the one log line and the request
+//! metric are written here, where the response is final.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::body::Body;
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::forward::{self, ClientSide};
+use crate::intercept;
+use crate::merge::Merger;
+use crate::metrics::{method_label, Metrics, RequestLabels};
+use crate::route::{self, Route};
+use crate::upstream::Upstream;
+
+/// How long in-flight requests may run after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything a request handler needs, shared by all connections.
+pub struct App {
+    /// Validated settings.
+    pub config: Arc<Config>,
+    /// The pooled registry client.
+    pub upstream: Upstream,
+    /// The merge engine.
+    pub merger: Arc<Merger>,
+    /// Metric families.
+    pub metrics: Arc<Metrics>,
+}
+
+impl App {
+    /// Builds the shared state from a validated config.
+    pub fn new(config: Config) -> std::io::Result<Arc<App>> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        let upstream = Upstream::new(&config)?;
+        let merger = Arc::new(Merger::new(
+            upstream.clone(),
+            config.merge.clone(),
+            metrics.clone(),
+        ));
+        Ok(Arc::new(App {
+            config,
+            upstream,
+            merger,
+            metrics,
+        }))
+    }
+}
+
+/// Serves clients on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish (bounded by a drain timeout).
+pub async fn run(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.timeouts.header_read)
+        .keep_alive(true)
+        .max_buf_size(1024 * 1024);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .adaptive_window(true)
+        .max_concurrent_streams(256);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    tracing::info!(addr = %listener.local_addr()?, upstream = %app.config.upstream.origin, "listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(&app, req, peer, false).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn.into_owned());
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down; draining in-flight requests");
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout passed; closing remaining connections");
+    }
+    Ok(())
+}
+
+/// One request: route, then forward or intercept, then log and count.
+pub async fn handle(
+    app: &App,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let (resp, kind) = match route::parse(req.uri().path()) {
+        Ok(route) => {
+            let kind = route.kind();
+            let result = dispatch(app, req, route, peer, tls).await;
+            (
+                result.unwrap_or_else(|e| e.into_response(&method, kind)),
+                kind,
+            )
+        }
+        Err(e) => (ProxyError::from(e).into_response(&method, "invalid"), "invalid"),
+    };
+    let status = resp.status().as_u16();
+    app.metrics
+        .requests
+        .get_or_create(&RequestLabels {
+            method: method_label(&method),
+            route: kind,
+            status,
+        })
+        .inc();
+    tracing::debug!(
+        method = %method,
+        route = kind,
+        status,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}
+
+async fn dispatch(
+    app: &App,
+    req: Request<Incoming>,
+    route: Route,
+    peer: SocketAddr,
+    tls: bool,
+) -> Result<Response<Body>, ProxyError> {
+    let (parts, body) = req.into_parts();
+    let client = ClientSide::of(&app.config, &parts, peer, tls);
+    let req = Request::from_parts(parts, body);
+    match (req.method(), route) {
+        (&Method::PUT, Route::Manifest { name, reference }) => {
+            intercept::put_manifest(app, req, name, reference, client).await
+        }
+        (&Method::DELETE, Route::Manifest { name, reference }) => {
+            intercept::delete_manifest(app, req, name, reference, client).await
+        }
+        _ => forward::forward(&app.upstream, req, &client).await,
+    }
+}

@@ -1,0 +1,436 @@
+//! The registry behind archmerge: one pooled client, and the typed calls the
+//! merge makes.
+//!
+//! `forward` sends whole client requests through [`Upstream::send`]; `merge`
+//! uses the typed calls (tags, manifests, small blobs), each carrying the
+//! pushing client's own `Authorization` so archmerge never reads or writes
+//! what that client could not. Nothing here decides what to merge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::body::{self, Body};
+use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::oci::MAX_MANIFEST_BYTES;
+
+/// Every manifest media type archmerge understands, sent as `Accept` on its
+/// own manifest reads so the registry never converts what it returns.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, \
+application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest image config archmerge reads to learn `os.version` and friends.
+const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
+
+/// Why a call to the registry failed.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made, or it broke before an answer.
+    #[error("registry unreachable: {0}")]
+    Unreachable(String),
+    /// The registry did not start answering in time.
+    #[error("registry did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The registry answered with an unexpected status.
+    #[error("registry answered {status} to {what}: {body}")]
+    Status {
+        /// What was asked.
+        what: String,
+        /// The status it answered.
+        status: StatusCode,
+        /// The start of its body, for the log.
+        body: String,
+    },
+    /// A body could not be read, or was larger than archmerge reads.
+    #[error("reading {what} from the registry failed: {reason}")]
+    Body {
+        /// What was read.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// Whether the registry refused for lack of credentials or rights.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, UpstreamError::Status { status, .. }
+            if *status == StatusCode::UNAUTHORIZED || *status == StatusCode::FORBIDDEN)
+    }
+}
+
+/// A manifest as the registry stores it.
+#[derive(Clone, Debug)]
+pub struct FetchedManifest {
+    /// The exact bytes.
+    pub bytes: Bytes,
+    /// `Content-Type` as the registry sent it.
+    pub media_type: String,
+    /// `sha256:…` of the bytes (computed, not trusted from a header).
+    pub digest: String,
+}
+
+/// A client's credentials, passed on unchanged to the registry.
+#[derive(Clone, Debug, Default)]
+pub struct Auth(pub Option<HeaderValue>);
+
+type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// The pooled client for the registry.
+#[derive(Clone)]
+pub struct Upstream {
+    client: HttpsClient,
+    /// Where the registry is.
+    pub config: UpstreamConfig,
+    /// How long the registry may take to start answering.
+    headers_timeout: Duration,
+}
+
+impl Upstream {
+    /// Builds the pooled client: http or https (system roots plus the
+    /// optional CA file), HTTP/2 by ALPN, connect timeout from the config.
+    pub fn new(config: &Config) -> std::io::Result<Upstream> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeouts.connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let tls = tls_config(config.upstream_ca.as_deref())?;
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_all_versions()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(64)
+            .build(https);
+        Ok(Upstream {
+            client,
+            config: config.upstream.clone(),
+            headers_timeout: config.timeouts.upstream_headers,
+        })
+    }
+
+    /// The registry URI for a path and query.
+    pub fn uri(&self, path_and_query: &str) -> Uri {
+        Uri::builder()
+            .scheme(self.config.scheme.clone())
+            .authority(self.config.authority.clone())
+            .path_and_query(path_and_query)
+            .build()
+            .unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
+    /// Sends a request and waits (bounded) for the response headers; the
+    /// body then streams with no total timeout.
+    pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        match tokio::time::timeout(self.headers_timeout, self.client.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+            Err(_) => Err(UpstreamError::Timeout(self.headers_timeout)),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        auth: &Auth,
+        accept: Option<&'static str>,
+        content: Option<(&str, Bytes)>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut req = Request::builder().method(method).uri(self.uri(path));
+        if let Some(a) = &auth.0 {
+            req = req.header(header::AUTHORIZATION, a.clone());
+        }
+        if let Some(accept) = accept {
+            req = req.header(header::ACCEPT, accept);
+        }
+        let body = match content {
+            Some((media_type, bytes)) => {
+                req = req
+                    .header(header::CONTENT_TYPE, media_type)
+                    .header(header::CONTENT_LENGTH, bytes.len());
+                body::full(bytes)
+            }
+            None => body::empty(),
+        };
+        let req = req
+            .body(body)
+            .map_err(|e| UpstreamError::Unreachable(format!("building request: {e}")))?;
+        self.send(req).await
+    }
+
+    /// Every tag of a repository, following `Link` pagination.
+    pub async fn list_tags(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let mut tags = Vec::new();
+        let mut path = format!("/v2/{repo}/tags/list?n=1000");
+        // Bounded: a registry that keeps sending `next` cannot loop us forever.
+        for _ in 0..10_000 {
+            let resp = self.call(Method::GET, &path, auth, None, None).await?;
+            if resp.status() == StatusCode::NOT_FOUND {
+                return Ok(tags);
+            }
+            let next = next_link(resp.headers());
+            let bytes = expect_ok(resp, "tags list", MAX_MANIFEST_BYTES).await?;
+            let list: TagList = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
+                what: "tags list".into(),
+                reason: e.to_string(),
+            })?;
+            tags.extend(list.tags.unwrap_or_default());
+            match next {
+                Some(n) => path = n,
+                None => break,
+            }
+        }
+        Ok(tags)
+    }
+
+    /// A manifest by tag or digest; `None` when the registry has none.
+    pub async fn get_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        auth: &Auth,
+    ) -> Result<Option<FetchedManifest>, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self
+            .call(Method::GET, &path, auth, Some(MANIFEST_ACCEPT), None)
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let bytes = expect_ok(resp, "manifest", MAX_MANIFEST_BYTES).await?;
+        let digest = crate::index::sha256_digest(&bytes);
+        Ok(Some(FetchedManifest {
+            bytes,
+            media_type,
+            digest,
+        }))
+    }
+
+    /// The digest a tag points at, by HEAD; `None` when the tag is gone.
+    pub async fn head_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        auth: &Auth,
+    ) -> Result<Option<String>, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self
+            .call(Method::HEAD, &path, auth, Some(MANIFEST_ACCEPT), None)
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        expect_ok(resp, "manifest head", 0).await?;
+        match digest {
+            Some(d) => Ok(Some(d)),
+            // A registry that sends no digest on HEAD: read the bytes instead.
+            None => Ok(self
+                .get_manifest(repo, reference, auth)
+                .await?
+                .map(|m| m.digest)),
+        }
+    }
+
+    /// Stores a manifest at a tag or digest.
+    pub async fn put_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        bytes: Bytes,
+        auth: &Auth,
+    ) -> Result<(), UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self
+            .call(Method::PUT, &path, auth, None, Some((media_type, bytes)))
+            .await?;
+        expect_ok(resp, "manifest put", MAX_MANIFEST_BYTES).await?;
+        Ok(())
+    }
+
+    /// Deletes a manifest by digest (which also removes the tags on it).
+    pub async fn delete_manifest(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<(), UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{digest}");
+        let resp = self.call(Method::DELETE, &path, auth, None, None).await?;
+        if resp.status() == StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        expect_ok(resp, "manifest delete", MAX_MANIFEST_BYTES).await?;
+        Ok(())
+    }
+
+    /// A small blob (an image config), following one redirect to storage
+    /// without the registry credentials.
+    pub async fn get_small_blob(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<Bytes, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self.call(Method::GET, &path, auth, None, None).await?;
+        let resp = if resp.status().is_redirection() {
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|l| l.parse::<Uri>().ok());
+            let Some(location) = location else {
+                return Err(UpstreamError::Body {
+                    what: "config blob".into(),
+                    reason: "redirect without a usable Location".into(),
+                });
+            };
+            let location = if location.scheme().is_none() {
+                self.uri(location.path_and_query().map_or("/", |p| p.as_str()))
+            } else {
+                location
+            };
+            let req = Request::get(location)
+                .body(body::empty())
+                .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
+            self.send(req).await?
+        } else {
+            resp
+        };
+        expect_ok(resp, "config blob", MAX_CONFIG_BYTES).await
+    }
+}
+
+/// Reads a bounded body after a 2xx; any other status becomes an error
+/// carrying the start of the registry's body.
+async fn expect_ok(
+    resp: Response<Incoming>,
+    what: &str,
+    limit: usize,
+) -> Result<Bytes, UpstreamError> {
+    let status = resp.status();
+    if !status.is_success() {
+        let body = read_limited(resp.into_body(), 1024, what)
+            .await
+            .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+            .unwrap_or_default();
+        return Err(UpstreamError::Status {
+            what: what.to_owned(),
+            status,
+            body,
+        });
+    }
+    read_limited(resp.into_body(), limit, what).await
+}
+
+async fn read_limited(body: Incoming, limit: usize, what: &str) -> Result<Bytes, UpstreamError> {
+    Limited::new(body, limit.max(1))
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| UpstreamError::Body {
+            what: what.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+/// The path of a `Link: <…>; rel="next"` header, as distribution paginates.
+fn next_link(headers: &http::HeaderMap) -> Option<String> {
+    let link = headers.get(header::LINK)?.to_str().ok()?;
+    let (target, params) = link.split_once(';')?;
+    if !params.contains("rel=\"next\"") && !params.contains("rel=next") {
+        return None;
+    }
+    let target = target.trim().trim_start_matches('<').trim_end_matches('>');
+    let uri: Uri = target.parse().ok()?;
+    uri.path_and_query().map(|p| p.as_str().to_owned())
+}
+
+/// An error with its sources, one line (hyper's outermost message alone says
+/// little, e.g. "client error (Connect)").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}
+
+fn tls_config(ca_file: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A system store with an odd certificate must not stop archmerge.
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)?;
+        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            roots
+                .add(cert?)
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn follows_next_links() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("</v2/a/tags/list?last=x&n=100>; rel=\"next\""),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("/v2/a/tags/list?last=x&n=100"));
+        h.insert(
+            header::LINK,
+            HeaderValue::from_static("<http://r:5000/v2/a/tags/list?last=y>; rel=\"next\""),
+        );
+        assert_eq!(next_link(&h).as_deref(), Some("/v2/a/tags/list?last=y"));
+        h.insert(header::LINK, HeaderValue::from_static("</x>; rel=\"prev\""));
+        assert_eq!(next_link(&h), None);
+    }
+}
