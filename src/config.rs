@@ -194,7 +194,9 @@ impl Config {
 
         let listen = parse_addr(
             "listen",
-            pick(&s.listen, raw.listen).as_deref().unwrap_or(DEFAULT_LISTEN),
+            pick(&s.listen, raw.listen)
+                .as_deref()
+                .unwrap_or(DEFAULT_LISTEN),
             &mut errors,
         );
         let admin_listen = parse_addr(
@@ -207,7 +209,9 @@ impl Config {
         let upstream = match pick(&s.upstream, raw.upstream) {
             Some(u) => parse_upstream(&u).map_err(|e| errors.push(e)).ok(),
             None => {
-                errors.push("upstream: required (--upstream, ARCHMERGE_UPSTREAM or `upstream`)".into());
+                errors.push(
+                    "upstream: required (--upstream, ARCHMERGE_UPSTREAM or `upstream`)".into(),
+                );
                 None
             }
         };
@@ -224,22 +228,32 @@ impl Config {
             "write" => Mode::Write,
             "serve" => Mode::Serve,
             other => {
-                errors.push(format!("mode: {other:?} is not one of \"write\", \"serve\""));
+                errors.push(format!(
+                    "mode: {other:?} is not one of \"write\", \"serve\""
+                ));
                 Mode::Write
             }
         };
-        let log_format = match pick(&s.log_format, raw.log_format).as_deref().unwrap_or("text") {
+        let log_format = match pick(&s.log_format, raw.log_format)
+            .as_deref()
+            .unwrap_or("text")
+        {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                errors.push(format!("log_format: {other:?} is not one of \"text\", \"json\""));
+                errors.push(format!(
+                    "log_format: {other:?} is not one of \"text\", \"json\""
+                ));
                 LogFormat::Text
             }
         };
         let upstream_ca = s.upstream_ca.clone().or(raw.upstream_ca);
         if let Some(ca) = &upstream_ca {
             if !ca.is_file() {
-                errors.push(format!("upstream_ca: {} is not a readable file", ca.display()));
+                errors.push(format!(
+                    "upstream_ca: {} is not a readable file",
+                    ca.display()
+                ));
             }
         }
 
@@ -251,7 +265,12 @@ impl Config {
             Duration::from_secs(v.max(1))
         };
         let timeouts = Timeouts {
-            header_read: secs("header_read_secs", raw.timeouts.header_read_secs, 30, &mut errors),
+            header_read: secs(
+                "header_read_secs",
+                raw.timeouts.header_read_secs,
+                30,
+                &mut errors,
+            ),
             connect: secs("connect_secs", raw.timeouts.connect_secs, 5, &mut errors),
             upstream_headers: secs(
                 "upstream_headers_secs",
@@ -303,13 +322,20 @@ impl Config {
 fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
-    toml::from_str(&text)
-        .map_err(|e| ConfigError(vec![format!("{}: {}", path.display(), e.to_string().trim())]))
+    toml::from_str(&text).map_err(|e| {
+        ConfigError(vec![format!(
+            "{}: {}",
+            path.display(),
+            e.to_string().trim()
+        )])
+    })
 }
 
 fn parse_addr(key: &str, value: &str, errors: &mut Vec<String>) -> SocketAddr {
     value.parse().unwrap_or_else(|e| {
-        errors.push(format!("{key}: {value:?} is not an address like 127.0.0.1:5080 ({e})"));
+        errors.push(format!(
+            "{key}: {value:?} is not an address like 127.0.0.1:5080 ({e})"
+        ));
         SocketAddr::from(([127, 0, 0, 1], 0))
     })
 }
@@ -321,7 +347,9 @@ fn parse_upstream(value: &str) -> Result<Upstream, String> {
     let scheme = uri.scheme().cloned();
     let ok_scheme = matches!(scheme.as_ref().map(Scheme::as_str), Some("http" | "https"));
     if !ok_scheme {
-        return Err(format!("upstream: {value:?} must start with http:// or https://"));
+        return Err(format!(
+            "upstream: {value:?} must start with http:// or https://"
+        ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
@@ -386,7 +414,13 @@ mod tests {
         )
         .unwrap_err();
         let text = err.to_string();
-        for key in ["listen:", "upstream:", "mode:", "timeouts.connect_secs", "merge.patterns"] {
+        for key in [
+            "listen:",
+            "upstream:",
+            "mode:",
+            "timeouts.connect_secs",
+            "merge.patterns",
+        ] {
             assert!(text.contains(key), "{key} missing in:\n{text}");
         }
     }

@@ -57,9 +57,9 @@ impl ProxyError {
     /// Who caused it.
     pub fn fault(&self) -> Fault {
         match self {
-            ProxyError::Route(_) | ProxyError::ManifestTooLarge { .. } | ProxyError::ClientBody(_) => {
-                Fault::Client
-            }
+            ProxyError::Route(_)
+            | ProxyError::ManifestTooLarge { .. }
+            | ProxyError::ClientBody(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
             ProxyError::Internal(_) => Fault::Internal,
         }
@@ -94,8 +94,12 @@ impl ProxyError {
         let status = self.status().as_u16();
         match self.fault() {
             Fault::Client => tracing::debug!(%method, route, status, error = %self, "refused"),
-            Fault::Upstream => tracing::warn!(%method, route, status, error = %self, "upstream failed"),
-            Fault::Internal => tracing::error!(%method, route, status, error = %self, "internal error"),
+            Fault::Upstream => {
+                tracing::warn!(%method, route, status, error = %self, "upstream failed")
+            }
+            Fault::Internal => {
+                tracing::error!(%method, route, status, error = %self, "internal error")
+            }
         }
         error_response(self.status(), self.code(), &self.to_string())
     }
@@ -107,7 +111,10 @@ pub fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Res
     let mut resp = Response::new(body::full(bytes.clone()));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ERROR_CONTENT_TYPE));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(ERROR_CONTENT_TYPE),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
     h.insert(
         "docker-distribution-api-version",

@@ -102,10 +102,7 @@ pub fn upstream_request(
         headers.insert(HeaderName::from_static("x-forwarded-host"), v);
     }
     let peer_ip = client.peer.ip().to_string();
-    let xff = match headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {peer_ip}"),
         None => peer_ip,
     };
@@ -136,7 +133,11 @@ pub fn downstream_response(
 /// buffered itself.
 pub fn downstream_parts(parts: &mut response::Parts, upstream: &Upstream, client: &ClientSide) {
     strip_hop_by_hop(&mut parts.headers);
-    rewrite_location(&mut parts.headers, &upstream.config.origin, &client.public_origin);
+    rewrite_location(
+        &mut parts.headers,
+        &upstream.config.origin,
+        &client.public_origin,
+    );
     parts.version = Version::HTTP_11;
 }
 
@@ -237,12 +238,24 @@ mod tests {
     #[test]
     fn drops_hop_by_hop_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-custom"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-custom"),
+        );
         h.insert("x-custom", HeaderValue::from_static("1"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic eA=="));
-        h.insert("docker-content-digest", HeaderValue::from_static("sha256:x"));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic eA=="),
+        );
+        h.insert(
+            "docker-content-digest",
+            HeaderValue::from_static("sha256:x"),
+        );
         strip_hop_by_hop(&mut h);
         let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(left.len(), 2, "{left:?}");

@@ -177,7 +177,9 @@ pub enum IndexError {
     #[error("unsupported manifest media type {0}")]
     UnsupportedMediaType(String),
     /// No `mediaType`, no usable Content-Type, and neither `manifests` nor `config`.
-    #[error("cannot tell what this manifest is: no mediaType, and neither `manifests` nor `config`")]
+    #[error(
+        "cannot tell what this manifest is: no mediaType, and neither `manifests` nor `config`"
+    )]
     UnknownShape,
     /// Recognised, but its fields do not parse.
     #[error("malformed {what}: {reason}")]
@@ -201,11 +203,11 @@ pub enum IndexError {
 
 /// `sha256:<hex>` of `bytes`.
 pub fn sha256_digest(bytes: &[u8]) -> String {
-    let hash = Sha256::digest(bytes);
+    use std::fmt::Write as _;
     let mut out = String::with_capacity(7 + 64);
     out.push_str("sha256:");
-    for b in hash {
-        out.push_str(&format!("{b:02x}"));
+    for b in Sha256::digest(bytes) {
+        let _ = write!(out, "{b:02x}"); // writing to a String cannot fail
     }
     out
 }
@@ -298,11 +300,14 @@ fn choose_images<'e>(entries: &'e [Entry], dropped: &mut Vec<Dropped>) -> Vec<&'
         .iter()
         .filter(|e| e.kind == EntryKind::Image)
         .collect();
-    images.sort_by_cached_key(|e: &&'e Entry| image_order(*e));
+    images.sort_by_cached_key(|e: &&'e Entry| image_order(e));
 
     // `EntrySource` orders `Managed` before `Amended`, and arch tags by name.
     let mut winners: BTreeMap<PlatformKey, &Entry> = BTreeMap::new();
-    for &e in images.iter().filter(|e| matches!(e.source, EntrySource::Managed { .. })) {
+    for &e in images
+        .iter()
+        .filter(|e| matches!(e.source, EntrySource::Managed { .. }))
+    {
         let w = winners.entry(e.platform.key()).or_insert(e);
         if source_order(e) < source_order(w) {
             *w = e;
@@ -313,6 +318,7 @@ fn choose_images<'e>(entries: &'e [Entry], dropped: &mut Vec<Dropped>) -> Vec<&'
     for e in images {
         let reason = match winners.get(&e.platform.key()) {
             Some(w) if std::ptr::eq(*w, e) => None,
+            Some(w) if w.source == e.source && same_child(w, e) => Some(DropReason::Duplicate),
             Some(w) => Some(DropReason::Superseded {
                 by: w.descriptor.digest().to_string(),
             }),
@@ -344,7 +350,9 @@ fn choose_attestations<'e>(
 ) -> Vec<&'e Entry> {
     let mut position: HashMap<String, usize> = HashMap::new();
     for (i, e) in images.iter().enumerate() {
-        position.entry(e.descriptor.digest().to_string()).or_insert(i);
+        position
+            .entry(e.descriptor.digest().to_string())
+            .or_insert(i);
     }
     let mut listed = Vec::new();
     for e in entries {
@@ -360,8 +368,11 @@ fn choose_attestations<'e>(
         }
     }
     listed.sort_by(|(pa, a), (pb, b)| {
-        (pa, a.descriptor.digest().as_ref(), &a.source)
-            .cmp(&(pb, b.descriptor.digest().as_ref(), &b.source))
+        (pa, a.descriptor.digest().as_ref(), &a.source).cmp(&(
+            pb,
+            b.descriptor.digest().as_ref(),
+            &b.source,
+        ))
     });
     let mut seen = BTreeSet::new();
     let mut kept = Vec::with_capacity(listed.len());
@@ -388,14 +399,19 @@ fn emitted_descriptor(e: &Entry) -> Descriptor {
     let mut annotations = d.annotations().clone().unwrap_or_default();
     annotations.retain(|k, _| !k.starts_with(ANN_PREFIX));
     match &e.source {
-        EntrySource::Managed { arch_tag } => annotations.insert(ANN_SOURCE_TAG.into(), arch_tag.clone()),
+        EntrySource::Managed { arch_tag } => {
+            annotations.insert(ANN_SOURCE_TAG.into(), arch_tag.clone())
+        }
         EntrySource::Amended { from } => annotations.insert(ANN_AMENDED.into(), from.clone()),
     };
     d.set_annotations(Some(annotations));
     d
 }
 
-fn choose_media_type(children: &[Descriptor], format: IndexFormat) -> Result<&'static str, IndexError> {
+fn choose_media_type(
+    children: &[Descriptor],
+    format: IndexFormat,
+) -> Result<&'static str, IndexError> {
     let not_docker = children
         .iter()
         .find(|d| d.media_type().as_ref() != DOCKER_MANIFEST);
@@ -411,8 +427,12 @@ fn choose_media_type(children: &[Descriptor], format: IndexFormat) -> Result<&'s
 
 /// The one serializer (see [`build_index`]).
 fn canonical_bytes(index: &ImageIndex) -> Result<Vec<u8>, IndexError> {
-    let mut value = serde_json::to_value(index).map_err(|e| IndexError::Serialize(e.to_string()))?;
-    rename_platform_keys(&mut value, &[("os_version", "os.version"), ("os_features", "os.features")]);
+    let mut value =
+        serde_json::to_value(index).map_err(|e| IndexError::Serialize(e.to_string()))?;
+    rename_platform_keys(
+        &mut value,
+        &[("os_version", "os.version"), ("os_features", "os.features")],
+    );
     serde_json::to_vec(&sorted(value)).map_err(|e| IndexError::Serialize(e.to_string()))
 }
 

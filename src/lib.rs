@@ -26,6 +26,7 @@
 //! - [`error`] — the request-boundary error and its response.
 //! - [`body`] — the one body type for streamed and buffered bodies.
 //! - [`metrics`] — Prometheus families.
+//! - [`admin`] — the admin listener: health, readiness, metrics.
 //!
 //! Layering: `server` calls `forward` and `intercept`; `intercept` calls
 //! `merge`; `merge` calls `upstream` and the pure modules. Nothing calls
@@ -48,6 +49,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use archmerge::config::{Config, LogFormat, Settings};
+use archmerge::admin;
 use archmerge::server::{self, App};
 
 /// Exit status for a configuration error (EX_CONFIG from sysexits.h is 78;
@@ -15,7 +16,11 @@ use archmerge::server::{self, App};
 const EXIT_BAD_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "archmerge", version, about = "Merges per-architecture pushes into multi-arch images, in front of an OCI registry")]
+#[command(
+    name = "archmerge",
+    version,
+    about = "Merges per-architecture pushes into multi-arch images, in front of an OCI registry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -64,12 +69,26 @@ fn init_tracing(format: LogFormat) {
 
 #[tokio::main]
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let listen = config.listen;
+    let (listen, admin_listen) = (config.listen, config.admin_listen);
     let app = App::new(config).context("setting up the registry client")?;
     let listener = TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding {listen}"))?;
-    server::run(listener, app, shutdown_signal()).await?;
+    let admin_listener = TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("binding the admin listener {admin_listen}"))?;
+    // One signal stops both listeners.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin = tokio::spawn(admin::run(admin_listener, app.clone(), stopped(stop_rx.clone())));
+    server::run(listener, app, stopped(stop_rx)).await?;
+    admin.abort();
     Ok(())
 }
 

@@ -197,7 +197,13 @@ impl Merger {
     }
 
     /// After the registry deleted a manifest that `target` listed.
-    pub async fn after_delete(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth, since: Instant) {
+    pub async fn after_delete(
+        self: &Arc<Self>,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        since: Instant,
+    ) {
         self.update(repo, target, auth, since).await;
     }
 
@@ -303,7 +309,12 @@ impl Merger {
     }
 
     /// The target's arch tags and their digests, from the registry.
-    async fn snapshot(&self, repo: &str, target: &str, auth: &Auth) -> Result<Snapshot, MergeError> {
+    async fn snapshot(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+    ) -> Result<Snapshot, MergeError> {
         let tags = self.upstream.list_tags(repo, auth).await?;
         let arch = self
             .config
@@ -327,7 +338,11 @@ impl Merger {
         let children = snapshot
             .values()
             .map(|(arch, digest)| self.arch_entries(repo, arch, digest, auth));
-        let managed: Vec<Entry> = try_join_all(children).await?.into_iter().flatten().collect();
+        let managed: Vec<Entry> = try_join_all(children)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
 
         let current = self.upstream.get_manifest(repo, target, auth).await?;
         let (ours, amended) = match &current {
@@ -368,7 +383,13 @@ impl Merger {
             return Ok(Outcome::Unchanged);
         }
         self.upstream
-            .put_manifest(repo, target, built.media_type, Bytes::from(built.bytes), auth)
+            .put_manifest(
+                repo,
+                target,
+                built.media_type,
+                Bytes::from(built.bytes),
+                auth,
+            )
             .await?;
         tracing::debug!(repo, reference = target, digest = %built.digest, "index written");
         Ok(Outcome::Written)
@@ -390,16 +411,25 @@ impl Merger {
                 TargetState::Foreign { entries } => (false, entries),
             }),
             Manifest::Image(info) => {
-                let config = self.config_platform(repo, &info.config_digest, auth).await?;
+                let config = self
+                    .config_platform(repo, &info.config_digest, auth)
+                    .await?;
                 let platform = Platform {
                     os: config.os.clone().unwrap_or_else(|| "unknown".into()),
-                    architecture: config.architecture.clone().unwrap_or_else(|| "unknown".into()),
+                    architecture: config
+                        .architecture
+                        .clone()
+                        .unwrap_or_else(|| "unknown".into()),
                     variant: config.variant.clone(),
                     os_version: config.os_version.clone(),
                     os_features: config.os_features.clone(),
                 }
                 .normalized();
-                let descriptor = descriptor(&info.media_type, &current.digest, current.bytes.len() as u64)?;
+                let descriptor = descriptor(
+                    &info.media_type,
+                    &current.digest,
+                    current.bytes.len() as u64,
+                )?;
                 Ok((
                     false,
                     vec![Entry {
@@ -426,7 +456,9 @@ impl Merger {
         auth: &Auth,
     ) -> Result<Outcome, MergeError> {
         if kept.is_empty() {
-            self.upstream.delete_manifest(repo, &current.digest, auth).await?;
+            self.upstream
+                .delete_manifest(repo, &current.digest, auth)
+                .await?;
             return Ok(Outcome::Removed);
         }
         let origins: BTreeSet<&str> = kept
@@ -447,7 +479,13 @@ impl Merger {
         let built = build_index(&kept, self.config.index_format, &BTreeMap::new())
             .map_err(|e| MergeError::Index(e.to_string()))?;
         self.upstream
-            .put_manifest(repo, target, built.media_type, Bytes::from(built.bytes), auth)
+            .put_manifest(
+                repo,
+                target,
+                built.media_type,
+                Bytes::from(built.bytes),
+                auth,
+            )
             .await?;
         Ok(Outcome::Restored)
     }
@@ -467,7 +505,10 @@ impl Merger {
         };
         match &facts.manifest {
             Manifest::Image(info) => {
-                let config = self.config_platform(repo, &info.config_digest, auth).await.ok();
+                let config = self
+                    .config_platform(repo, &info.config_digest, auth)
+                    .await
+                    .ok();
                 let platform = self.decide_platform(repo, arch, config.as_deref());
                 Ok(vec![Entry {
                     descriptor: descriptor(&facts.media_type, digest, facts.size)?,
@@ -477,10 +518,11 @@ impl Merger {
                 }])
             }
             Manifest::Index(idx) => {
-                let picked = flatten(idx, &arch.platform.key()).map_err(|e| MergeError::BadChild {
-                    tag: arch.tag.clone(),
-                    reason: e.to_string(),
-                })?;
+                let picked =
+                    flatten(idx, &arch.platform.key()).map_err(|e| MergeError::BadChild {
+                        tag: arch.tag.clone(),
+                        reason: e.to_string(),
+                    })?;
                 Ok(picked
                     .into_iter()
                     .map(|(d, kind)| {
@@ -516,8 +558,14 @@ impl Merger {
         }
     }
 
-    fn decide_platform(&self, repo: &str, arch: &ArchTag, config: Option<&ConfigPlatform>) -> Platform {
-        let (platform, mismatch) = entry_platform(&arch.platform, config, self.config.platform_source);
+    fn decide_platform(
+        &self,
+        repo: &str,
+        arch: &ArchTag,
+        config: Option<&ConfigPlatform>,
+    ) -> Platform {
+        let (platform, mismatch) =
+            entry_platform(&arch.platform, config, self.config.platform_source);
         if let Some(m) = mismatch {
             self.metrics.platform_mismatches.inc();
             tracing::warn!(
@@ -547,9 +595,11 @@ impl Merger {
                     tag: digest.to_owned(),
                     reason: "manifest vanished".into(),
                 })?;
-            let manifest = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| MergeError::BadChild {
-                tag: digest.to_owned(),
-                reason: e.to_string(),
+            let manifest = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| {
+                MergeError::BadChild {
+                    tag: digest.to_owned(),
+                    reason: e.to_string(),
+                }
             })?;
             Ok::<_, MergeError>(Arc::new(Facts {
                 media_type: media_type_of(&m.media_type, &manifest),
@@ -610,7 +660,10 @@ impl Merger {
                         tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");
                         break;
                     }
-                    Err(e) if Instant::now() < deadline && !matches!(e, MergeError::Upstream(ref u) if u.is_auth()) => {
+                    Err(e)
+                        if Instant::now() < deadline
+                            && !matches!(e, MergeError::Upstream(ref u) if u.is_auth()) =>
+                    {
                         tracing::warn!(repo = %key.0, reference = %key.1, error = %e, retry_in_s = delay.as_secs(), "merge retry failed");
                         delay = (delay * 2).min(RETRY_CAP);
                     }

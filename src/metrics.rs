@@ -158,7 +158,15 @@ mod tests {
             })
             .inc();
         let text = m.encode();
-        assert!(text.contains("archmerge_merges_total{outcome=\"written\"} 1"), "{text}");
-        assert!(text.contains("archmerge_requests_total{method=\"PUT\",route=\"manifest\",status=\"201\"} 1"), "{text}");
+        assert!(
+            text.contains("archmerge_merges_total{outcome=\"written\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "archmerge_requests_total{method=\"PUT\",route=\"manifest\",status=\"201\"} 1"
+            ),
+            "{text}"
+        );
     }
 }

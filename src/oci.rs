@@ -213,7 +213,10 @@ mod tests {
     #[case(&format!("sha256:{}", "a".repeat(63)), false)]
     #[case("sha256:", false)]
     #[case("sha256", false)]
-    #[case("multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8", true)]
+    #[case(
+        "multihash+base58:QmRZxt2b1FVZPNqd8hsiykDL3TdBDeTSPX9Kv46HmX4Gx8",
+        true
+    )]
     #[case("Sha256:abc", false)]
     fn digests(#[case] d: &str, #[case] ok: bool) {
         assert_eq!(is_valid_digest(d), ok, "{d}");

@@ -127,7 +127,8 @@ impl Platform {
             .as_deref()
             .map(str::to_ascii_lowercase)
             .filter(|v| !v.is_empty());
-        let (architecture, variant) = normalize_arch(&self.architecture.to_ascii_lowercase(), variant);
+        let (architecture, variant) =
+            normalize_arch(&self.architecture.to_ascii_lowercase(), variant);
         Platform {
             os,
             architecture,
@@ -192,7 +193,12 @@ impl fmt::Display for PlatformKey {
     }
 }
 
-fn write_triple(f: &mut fmt::Formatter<'_>, os: &str, arch: &str, variant: Option<&str>) -> fmt::Result {
+fn write_triple(
+    f: &mut fmt::Formatter<'_>,
+    os: &str,
+    arch: &str,
+    variant: Option<&str>,
+) -> fmt::Result {
     write!(f, "{os}/{arch}")?;
     if let Some(v) = variant {
         write!(f, "/{v}")?;
@@ -205,8 +211,7 @@ fn write_triple(f: &mut fmt::Formatter<'_>, os: &str, arch: &str, variant: Optio
 /// `[A-Za-z0-9_.-]+`, containerd's specifier alphabet.
 fn is_specifier(s: &str) -> bool {
     !s.is_empty()
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
 }
 
@@ -272,7 +277,12 @@ mod tests {
     #[case("windows/amd64", "windows", "amd64", None)]
     #[case("linux/arm/v7", "linux", "arm", Some("v7"))]
     #[case("Linux/X86_64", "Linux", "X86_64", None)]
-    fn parses(#[case] s: &str, #[case] os: &str, #[case] arch: &str, #[case] variant: Option<&str>) {
+    fn parses(
+        #[case] s: &str,
+        #[case] os: &str,
+        #[case] arch: &str,
+        #[case] variant: Option<&str>,
+    ) {
         assert_eq!(p(s), Platform::new(os, arch, variant));
     }
 
@@ -347,7 +357,12 @@ mod tests {
 
     #[test]
     fn to_oci_never_respells() {
-        for s in ["linux/armbe", "unknown/unknown", "plan9/mips64p32le", "linux/loong64"] {
+        for s in [
+            "linux/armbe",
+            "unknown/unknown",
+            "plan9/mips64p32le",
+            "linux/loong64",
+        ] {
             let pl = p(s);
             assert_eq!(Platform::from_oci(&pl.to_oci()), pl.normalized(), "{s}");
         }

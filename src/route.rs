@@ -107,7 +107,11 @@ impl RouteError {
 /// so `..` or `%2e%2e` in a repository position is `NAME_INVALID`.
 pub fn parse(path: &str) -> Result<Route, RouteError> {
     let Some(rest) = path.strip_prefix("/v2/") else {
-        return Ok(if path == "/v2" { Route::Base } else { Route::Other });
+        return Ok(if path == "/v2" {
+            Route::Base
+        } else {
+            Route::Other
+        });
     };
     if rest.is_empty() {
         return Ok(Route::Base);

@@ -143,7 +143,10 @@ pub async fn handle(
                 kind,
             )
         }
-        Err(e) => (ProxyError::from(e).into_response(&method, "invalid"), "invalid"),
+        Err(e) => (
+            ProxyError::from(e).into_response(&method, "invalid"),
+            "invalid",
+        ),
     };
     let status = resp.status().as_u16();
     app.metrics

@@ -173,6 +173,20 @@ impl Upstream {
         self.send(req).await
     }
 
+    /// Whether the registry answers its API root (200, or 401 when it
+    /// wants credentials): what `/readyz` reports.
+    pub async fn ping(&self) -> Result<(), UpstreamError> {
+        let resp = self.call(Method::GET, "/v2/", &Auth::default(), None, None).await?;
+        match resp.status() {
+            StatusCode::OK | StatusCode::UNAUTHORIZED => Ok(()),
+            status => Err(UpstreamError::Status {
+                what: "/v2/".into(),
+                status,
+                body: String::new(),
+            }),
+        }
+    }
+
     /// Every tag of a repository, following `Link` pagination.
     pub async fn list_tags(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
         #[derive(serde::Deserialize)]
@@ -189,10 +203,11 @@ impl Upstream {
             }
             let next = next_link(resp.headers());
             let bytes = expect_ok(resp, "tags list", MAX_MANIFEST_BYTES).await?;
-            let list: TagList = serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
-                what: "tags list".into(),
-                reason: e.to_string(),
-            })?;
+            let list: TagList =
+                serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
+                    what: "tags list".into(),
+                    reason: e.to_string(),
+                })?;
             tags.extend(list.tags.unwrap_or_default());
             match next {
                 Some(n) => path = n,
@@ -424,7 +439,10 @@ mod tests {
             header::LINK,
             HeaderValue::from_static("</v2/a/tags/list?last=x&n=100>; rel=\"next\""),
         );
-        assert_eq!(next_link(&h).as_deref(), Some("/v2/a/tags/list?last=x&n=100"));
+        assert_eq!(
+            next_link(&h).as_deref(),
+            Some("/v2/a/tags/list?last=x&n=100")
+        );
         h.insert(
             header::LINK,
             HeaderValue::from_static("<http://r:5000/v2/a/tags/list?last=y>; rel=\"next\""),

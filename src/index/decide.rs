@@ -53,7 +53,8 @@ pub fn entry_platform(
     let arch = c.architecture.as_deref().unwrap_or(&alias.architecture);
     // The config with its gaps filled: the alias's variant stands in for a missing one only
     // when the architectures agree; otherwise the config's architecture gets its own default.
-    let filled = Platform::new(os, arch, c.variant.as_deref().or(alias.variant.as_deref())).normalized();
+    let filled =
+        Platform::new(os, arch, c.variant.as_deref().or(alias.variant.as_deref())).normalized();
     let arch_agrees = filled.architecture == alias.architecture;
     let said = if arch_agrees {
         filled
@@ -76,7 +77,11 @@ pub fn entry_platform(
                 (None, true) => said.variant,
                 _ => alias.variant.clone(),
             };
-            let (os_version, os_features) = if os_agrees { details } else { (alias.os_version.clone(), alias.os_features.clone()) };
+            let (os_version, os_features) = if os_agrees {
+                details
+            } else {
+                (alias.os_version.clone(), alias.os_features.clone())
+            };
             Platform {
                 variant,
                 os_version,
@@ -139,7 +144,10 @@ mod tests {
     ) {
         let (got, m) = entry_platform(&p(alias), Some(&config(cfg.0, cfg.1, cfg.2)), source);
         assert_eq!(got.to_string(), want);
-        assert_eq!(m.as_ref().map(|m| m.config.to_string()).as_deref(), mismatch);
+        assert_eq!(
+            m.as_ref().map(|m| m.config.to_string()).as_deref(),
+            mismatch
+        );
         if let Some(m) = m {
             assert_eq!(m.alias, p(alias).key());
         }
