@@ -71,7 +71,10 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
             let ready = tokio::time::timeout(READY_TIMEOUT, app.upstream.ping()).await;
             match ready {
                 Ok(Ok(())) => text(StatusCode::OK, "ready\n"),
-                Ok(Err(e)) => text(StatusCode::SERVICE_UNAVAILABLE, &format!("not ready: {e}\n")),
+                Ok(Err(e)) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("not ready: {e}\n"),
+                ),
                 Err(_) => text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: the registry did not answer in time\n",

@@ -7,8 +7,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use archmerge::config::{Config, LogFormat, Settings};
 use archmerge::admin;
+use archmerge::config::{Config, LogFormat, Settings};
 use archmerge::server::{self, App};
 
 /// Exit status for a configuration error (EX_CONFIG from sysexits.h is 78;
@@ -86,7 +86,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let admin = tokio::spawn(admin::run(admin_listener, app.clone(), stopped(stop_rx.clone())));
+    let admin = tokio::spawn(admin::run(
+        admin_listener,
+        app.clone(),
+        stopped(stop_rx.clone()),
+    ));
     server::run(listener, app, stopped(stop_rx)).await?;
     admin.abort();
     Ok(())

@@ -50,7 +50,8 @@ use tokio::sync::Mutex;
 use crate::config::MergeConfig;
 use crate::index::{
     self, build_index, entry_platform, flatten, parse_config_platform, parse_manifest,
-    read_target_index, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, TargetState,
+    read_target_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest,
+    TargetState,
 };
 use crate::metrics::{CacheLabels, Metrics};
 use crate::platform::Platform;
@@ -120,7 +121,29 @@ impl Outcome {
 }
 
 /// Which arch tags a target has, and the digest each points at.
-type Snapshot = BTreeMap<String, (ArchTag, String)>;
+pub type Snapshot = BTreeMap<String, (ArchTag, String)>;
+
+/// What the registry's state calls for at a target.
+#[derive(Debug)]
+pub enum Desired {
+    /// An index with these canonical bytes.
+    Index(BuiltIndex),
+    /// No arch tag is left: put back the manifest the index amended.
+    Restore(FetchedManifest),
+    /// No arch tag is left and the index amended nothing: delete it.
+    Delete,
+    /// No arch tag, and nothing of archmerge's at the target.
+    Nothing,
+}
+
+/// A target as it is, and as it should be.
+#[derive(Debug)]
+pub struct Plan {
+    /// What the target tag holds now.
+    pub current: Option<FetchedManifest>,
+    /// What it should hold.
+    pub desired: Desired,
+}
 
 /// A manifest's parsed form, cached by digest.
 struct Facts {
@@ -327,7 +350,7 @@ impl Merger {
         Ok(try_join_all(heads).await?.into_iter().flatten().collect())
     }
 
-    /// One rebuild from one snapshot.
+    /// One rebuild from one snapshot: plan it, then make the registry say it.
     async fn rebuild(
         &self,
         repo: &str,
@@ -335,6 +358,45 @@ impl Merger {
         snapshot: &Snapshot,
         auth: &Auth,
     ) -> Result<Outcome, MergeError> {
+        let Plan { current, desired } = self.plan(repo, target, snapshot, auth).await?;
+        let current_digest = current.as_ref().map(|c| c.digest.as_str());
+        let (bytes, media_type, digest, outcome) = match desired {
+            Desired::Nothing => return Ok(Outcome::Nothing),
+            Desired::Delete => {
+                if let Some(d) = current_digest {
+                    self.upstream.delete_manifest(repo, d, auth).await?;
+                }
+                return Ok(Outcome::Removed);
+            }
+            Desired::Index(b) => {
+                let media_type = b.media_type.to_owned();
+                (Bytes::from(b.bytes), media_type, b.digest, Outcome::Written)
+            }
+            Desired::Restore(m) => (m.bytes, m.media_type, m.digest, Outcome::Restored),
+        };
+        if current_digest == Some(digest.as_str()) {
+            self.metrics.writes_skipped.inc();
+            return Ok(Outcome::Unchanged);
+        }
+        self.upstream
+            .put_manifest(repo, target, &media_type, bytes, auth)
+            .await?;
+        tracing::debug!(repo, reference = target, %digest, "index written");
+        Ok(outcome)
+    }
+
+    /// What the registry's state calls for at `target`, given its arch tags.
+    ///
+    /// Managed entries come from the arch tags; entries of what the target
+    /// holds that archmerge did not make are kept for every platform no
+    /// arch tag provides (amend, never clobber).
+    pub async fn plan(
+        &self,
+        repo: &str,
+        target: &str,
+        snapshot: &Snapshot,
+        auth: &Auth,
+    ) -> Result<Plan, MergeError> {
         let children = snapshot
             .values()
             .map(|(arch, digest)| self.arch_entries(repo, arch, digest, auth));
@@ -367,32 +429,30 @@ impl Merger {
             })
             .collect();
 
-        if managed.is_empty() {
-            return match (ours, current) {
-                (true, Some(current)) => self.fall_back(repo, target, &current, kept, auth).await,
-                _ => Ok(Outcome::Nothing),
-            };
-        }
+        let desired = if !managed.is_empty() {
+            let mut entries = managed;
+            entries.extend(kept);
+            Desired::Index(self.build(&entries)?)
+        } else if ours {
+            self.fall_back(repo, kept, auth).await?
+        } else {
+            Desired::Nothing
+        };
+        Ok(Plan { current, desired })
+    }
 
-        let mut entries = managed;
-        entries.extend(kept);
-        let built = build_index(&entries, self.config.index_format, &BTreeMap::new())
+    fn build(&self, entries: &[Entry]) -> Result<BuiltIndex, MergeError> {
+        let built = build_index(entries, self.config.index_format, &BTreeMap::new())
             .map_err(|e| MergeError::Index(e.to_string()))?;
-        if current.as_ref().is_some_and(|c| c.digest == built.digest) {
-            self.metrics.writes_skipped.inc();
-            return Ok(Outcome::Unchanged);
+        for d in &built.dropped {
+            tracing::warn!(
+                digest = %d.entry.descriptor.digest(),
+                platform = %d.entry.platform,
+                reason = ?d.reason,
+                "entry left out of the index"
+            );
         }
-        self.upstream
-            .put_manifest(
-                repo,
-                target,
-                built.media_type,
-                Bytes::from(built.bytes),
-                auth,
-            )
-            .await?;
-        tracing::debug!(repo, reference = target, digest = %built.digest, "index written");
-        Ok(Outcome::Written)
+        Ok(built)
     }
 
     /// What the target holds now: whether archmerge made it, and the entries
@@ -450,16 +510,11 @@ impl Merger {
     async fn fall_back(
         &self,
         repo: &str,
-        target: &str,
-        current: &FetchedManifest,
         kept: Vec<Entry>,
         auth: &Auth,
-    ) -> Result<Outcome, MergeError> {
+    ) -> Result<Desired, MergeError> {
         if kept.is_empty() {
-            self.upstream
-                .delete_manifest(repo, &current.digest, auth)
-                .await?;
-            return Ok(Outcome::Removed);
+            return Ok(Desired::Delete);
         }
         let origins: BTreeSet<&str> = kept
             .iter()
@@ -470,24 +525,11 @@ impl Merger {
             .collect();
         if let [from] = origins.into_iter().collect::<Vec<_>>()[..] {
             if let Some(original) = self.upstream.get_manifest(repo, from, auth).await? {
-                self.upstream
-                    .put_manifest(repo, target, &original.media_type, original.bytes, auth)
-                    .await?;
-                return Ok(Outcome::Restored);
+                return Ok(Desired::Restore(original));
             }
         }
-        let built = build_index(&kept, self.config.index_format, &BTreeMap::new())
-            .map_err(|e| MergeError::Index(e.to_string()))?;
-        self.upstream
-            .put_manifest(
-                repo,
-                target,
-                built.media_type,
-                Bytes::from(built.bytes),
-                auth,
-            )
-            .await?;
-        Ok(Outcome::Restored)
+        // The original is gone from the registry: list what was kept of it.
+        Ok(Desired::Index(self.build(&kept)?))
     }
 
     /// The entries one arch tag contributes: its image, or the flattened

@@ -176,7 +176,9 @@ impl Upstream {
     /// Whether the registry answers its API root (200, or 401 when it
     /// wants credentials): what `/readyz` reports.
     pub async fn ping(&self) -> Result<(), UpstreamError> {
-        let resp = self.call(Method::GET, "/v2/", &Auth::default(), None, None).await?;
+        let resp = self
+            .call(Method::GET, "/v2/", &Auth::default(), None, None)
+            .await?;
         match resp.status() {
             StatusCode::OK | StatusCode::UNAUTHORIZED => Ok(()),
             status => Err(UpstreamError::Status {
