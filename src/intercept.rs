@@ -7,7 +7,8 @@
 //! the client gets the registry's own answer, so the last push of a CI run
 //! returns with the index complete. A failed merge never changes that
 //! answer: it is logged, counted and retried by `merge`. Nothing here reads
-//! or writes indexes itself.
+//! or writes indexes itself; in serve mode nothing is merged at push time,
+//! the target's cached aggregate is only dropped.
 
 use std::time::Instant;
 
@@ -17,6 +18,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
 use crate::body::{self, Body};
+use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, proxy_error, ClientSide};
 use crate::oci::MAX_MANIFEST_BYTES;
@@ -83,9 +85,17 @@ pub async fn put_manifest(
         bytes,
         media_type,
     };
-    app.merger
-        .after_push(repo, &arch, Some(pushed), &auth, accepted_at)
-        .await;
+    match app.config.mode {
+        Mode::Write => {
+            app.merger
+                .after_push(repo, &arch, pushed, &auth, accepted_at)
+                .await
+        }
+        Mode::Serve => {
+            app.merger.remember(pushed).await;
+            app.aggregates.invalidate(repo, &arch.target).await;
+        }
+    }
     Ok(Response::from_parts(parts, body::full(answer)))
 }
 
@@ -115,7 +125,10 @@ pub async fn delete_manifest(
     if resp.status().is_success() {
         let since = Instant::now();
         for target in targets {
-            app.merger.after_delete(repo, &target, &auth, since).await;
+            match app.config.mode {
+                Mode::Write => app.merger.after_delete(repo, &target, &auth, since).await,
+                Mode::Serve => app.aggregates.invalidate(repo, &target).await,
+            }
         }
     }
     Ok(resp)

@@ -18,6 +18,7 @@
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then hand arch tags to merge.
 //! - [`merge`] — rebuild a target from the registry; per-target locks; verify loop.
+//! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.
 //! - [`upstream`] — the pooled registry client and typed registry calls.
 //! - [`rules`] — pure: tag patterns and the arch alias table.
 //! - [`platform`] — pure: platform normalisation and matching.
@@ -62,5 +63,6 @@ pub mod oci;
 pub mod platform;
 pub mod route;
 pub mod rules;
+pub mod serve;
 pub mod server;
 pub mod upstream;

@@ -202,21 +202,25 @@ impl Merger {
         self: &Arc<Self>,
         repo: &str,
         arch: &ArchTag,
-        pushed: Option<FetchedManifest>,
+        pushed: FetchedManifest,
         auth: &Auth,
         accepted_at: Instant,
     ) {
-        if let Some(m) = pushed {
-            if let Ok(manifest) = parse_manifest(Some(&m.media_type), &m.bytes) {
-                let facts = Facts {
-                    media_type: media_type_of(&m.media_type, &manifest),
-                    size: m.bytes.len() as u64,
-                    manifest,
-                };
-                self.manifests.insert(m.digest, Arc::new(facts)).await;
-            }
-        }
+        self.remember(pushed).await;
         self.update(repo, &arch.target, auth, accepted_at).await;
+    }
+
+    /// Caches the facts of a manifest a client just pushed, so the rebuild
+    /// that follows does not fetch it back.
+    pub async fn remember(&self, m: FetchedManifest) {
+        if let Ok(manifest) = parse_manifest(Some(&m.media_type), &m.bytes) {
+            let facts = Facts {
+                media_type: media_type_of(&m.media_type, &manifest),
+                size: m.bytes.len() as u64,
+                manifest,
+            };
+            self.manifests.insert(m.digest, Arc::new(facts)).await;
+        }
     }
 
     /// After the registry deleted a manifest that `target` listed.
@@ -228,6 +232,17 @@ impl Merger {
         since: Instant,
     ) {
         self.update(repo, target, auth, since).await;
+    }
+
+    /// Every target that has arch tags in `repo`.
+    pub async fn targets_in(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, MergeError> {
+        let tags = self.upstream.list_tags(repo, auth).await?;
+        let targets: BTreeSet<String> = tags
+            .iter()
+            .filter_map(|t| self.config.rules.match_tag(t))
+            .map(|a| a.target)
+            .collect();
+        Ok(targets.into_iter().collect())
     }
 
     /// The targets whose arch tags point at `digest` right now.
@@ -332,7 +347,7 @@ impl Merger {
     }
 
     /// The target's arch tags and their digests, from the registry.
-    async fn snapshot(
+    pub async fn snapshot(
         &self,
         repo: &str,
         target: &str,

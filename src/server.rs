@@ -22,13 +22,14 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::body::Body;
-use crate::config::Config;
+use crate::config::{Config, Mode};
 use crate::error::ProxyError;
 use crate::forward::{self, ClientSide};
 use crate::intercept;
 use crate::merge::Merger;
 use crate::metrics::{method_label, Metrics, RequestLabels};
 use crate::route::{self, Route};
+use crate::serve::{self, Aggregates};
 use crate::upstream::Upstream;
 
 /// How long in-flight requests may run after a shutdown signal.
@@ -44,6 +45,8 @@ pub struct App {
     pub merger: Arc<Merger>,
     /// Metric families.
     pub metrics: Arc<Metrics>,
+    /// Serve mode's synthesized indexes (unused in write mode).
+    pub aggregates: Aggregates,
 }
 
 impl App {
@@ -57,11 +60,13 @@ impl App {
             config.merge.clone(),
             metrics.clone(),
         ));
+        let aggregates = Aggregates::new(merger.clone(), metrics.clone());
         Ok(Arc::new(App {
             config,
             upstream,
             merger,
             metrics,
+            aggregates,
         }))
     }
 }
@@ -177,7 +182,11 @@ async fn dispatch(
     let (parts, body) = req.into_parts();
     let client = ClientSide::of(&app.config, &parts, peer, tls);
     let req = Request::from_parts(parts, body);
+    let serve_mode = app.config.mode == Mode::Serve;
     match (req.method(), route) {
+        (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }) if serve_mode => {
+            serve::get_manifest(app, &app.aggregates, req, name, reference, client).await
+        }
         (&Method::PUT, Route::Manifest { name, reference }) => {
             intercept::put_manifest(app, req, name, reference, client).await
         }

@@ -278,6 +278,21 @@ impl Upstream {
         }
     }
 
+    /// A manifest request made with a client's credentials only to learn
+    /// whether the registry lets that client read the repository; the
+    /// response is returned as the registry sent it.
+    pub async fn probe_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        method: Method,
+        auth: &Auth,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        self.call(method, &path, auth, Some(MANIFEST_ACCEPT), None)
+            .await
+    }
+
     /// Stores a manifest at a tag or digest.
     pub async fn put_manifest(
         &self,
