@@ -9,12 +9,13 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::Uri;
 use serde::Deserialize;
+use toml::Spanned;
 
 use crate::index::{IndexFormat, PlatformSource};
 use crate::rules::{AliasTable, Pattern, TagRules};
@@ -43,6 +44,25 @@ pub struct Settings {
     /// PEM file of CA certificates for an https upstream.
     #[arg(long, env = "ARCHMERGE_UPSTREAM_CA")]
     pub upstream_ca: Option<PathBuf>,
+    /// Accept any certificate from an https upstream. Dangerous: only for a
+    /// registry on a trusted network whose certificate cannot be verified.
+    #[arg(long, env = "ARCHMERGE_UPSTREAM_INSECURE_SKIP_TLS_VERIFY")]
+    pub upstream_insecure_skip_tls_verify: bool,
+    /// User archmerge itself authenticates as (reconcile, webhook).
+    #[arg(long, env = "ARCHMERGE_UPSTREAM_USERNAME")]
+    pub upstream_username: Option<String>,
+    /// Password for `upstream_username` (prefer the env variable or a file).
+    #[arg(long, env = "ARCHMERGE_UPSTREAM_PASSWORD", hide_env_values = true)]
+    pub upstream_password: Option<String>,
+    /// PEM certificate chain: serve clients over TLS (HTTP/2 by ALPN).
+    #[arg(long, env = "ARCHMERGE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `--tls-cert`.
+    #[arg(long, env = "ARCHMERGE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Bearer token that `POST /reconcile` and `POST /events` require.
+    #[arg(long, env = "ARCHMERGE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Log format: `text` or `json`.
     #[arg(long, env = "ARCHMERGE_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -50,36 +70,53 @@ pub struct Settings {
 
 // === raw file ===
 
+type S = Spanned<String>;
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listen: Option<String>,
-    upstream: Option<String>,
-    mode: Option<String>,
-    admin_listen: Option<String>,
-    public_url: Option<String>,
-    upstream_ca: Option<PathBuf>,
-    log_format: Option<String>,
+    listen: Option<S>,
+    upstream: Option<S>,
+    mode: Option<S>,
+    admin_listen: Option<S>,
+    public_url: Option<S>,
+    upstream_ca: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    upstream_insecure_skip_tls_verify: bool,
+    tls_cert: Option<Spanned<PathBuf>>,
+    tls_key: Option<Spanned<PathBuf>>,
+    admin_token: Option<S>,
+    log_format: Option<S>,
+    #[serde(default)]
+    upstream_auth: RawUpstreamAuth,
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
     merge: RawMerge,
     #[serde(default)]
-    aliases: BTreeMap<String, String>,
+    aliases: BTreeMap<String, S>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamAuth {
+    username: Option<S>,
+    password: Option<S>,
+    password_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
-    header_read_secs: Option<u64>,
-    connect_secs: Option<u64>,
-    upstream_headers_secs: Option<u64>,
+    header_read_secs: Option<Spanned<u64>>,
+    connect_secs: Option<Spanned<u64>>,
+    upstream_headers_secs: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawMerge {
-    patterns: Option<Vec<String>>,
+    patterns: Option<Vec<S>>,
     index_media_type: Option<IndexFormat>,
     platform_source: Option<PlatformSource>,
 }
@@ -153,12 +190,47 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     /// Extra CA certificates for an https upstream.
     pub upstream_ca: Option<PathBuf>,
+    /// Accept any upstream certificate (explicit, loudly named opt-in).
+    pub upstream_insecure_skip_tls_verify: bool,
+    /// archmerge's own registry credentials (reconcile, webhook).
+    pub upstream_credentials: Option<Credentials>,
+    /// Certificate and key of the client listener, when it speaks TLS.
+    pub tls: Option<TlsFiles>,
+    /// Token the admin write endpoints require.
+    pub admin_token: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Merge rules.
     pub merge: MergeConfig,
+}
+
+/// A user and password for the registry.
+#[derive(Clone)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password (never logged: `Debug` hides it).
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<hidden>")
+            .finish()
+    }
+}
+
+/// PEM files of the client listener.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// Certificate chain.
+    pub cert: PathBuf,
+    /// Private key.
+    pub key: PathBuf,
 }
 
 /// Every problem found in the settings, each naming its key.
@@ -173,139 +245,261 @@ impl Config {
     /// Reads the file named in `settings` (if any) and merges it under the
     /// flags and environment.
     pub fn load(settings: &Settings) -> Result<Config, ConfigError> {
-        let raw = match &settings.config {
-            Some(path) => read_file(path)?,
-            None => RawConfig::default(),
-        };
-        Self::build(settings, raw)
+        match &settings.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
+                Self::parse(settings, &text, &path.display().to_string())
+            }
+            None => Self::parse(settings, "", "(no file)"),
+        }
     }
 
     /// Parses a TOML document under the given flags (used by tests and by
     /// `check-config`).
     pub fn from_toml(settings: &Settings, text: &str) -> Result<Config, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| ConfigError(vec![e.to_string().trim().to_owned()]))?;
-        Self::build(settings, raw)
+        Self::parse(settings, text, "config")
     }
 
-    fn build(s: &Settings, raw: RawConfig) -> Result<Config, ConfigError> {
-        let mut errors = Vec::new();
-        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
+    fn parse(settings: &Settings, text: &str, file: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e
+                .span()
+                .map(|sp| format!(" (at {})", Place::of(text, file, sp.start)))
+                .unwrap_or_default();
+            ConfigError(vec![format!("{}{at}", e.message().trim())])
+        })?;
+        Check {
+            text,
+            file,
+            errors: Vec::new(),
+        }
+        .build(settings, raw)
+    }
+}
 
-        let listen = parse_addr(
-            "listen",
-            pick(&s.listen, raw.listen)
-                .as_deref()
-                .unwrap_or(DEFAULT_LISTEN),
-            &mut errors,
-        );
-        let admin_listen = parse_addr(
-            "admin_listen",
-            pick(&s.admin_listen, raw.admin_listen)
-                .as_deref()
-                .unwrap_or(DEFAULT_ADMIN_LISTEN),
-            &mut errors,
-        );
-        let upstream = match pick(&s.upstream, raw.upstream) {
-            Some(u) => parse_upstream(&u).map_err(|e| errors.push(e)).ok(),
+/// A line and column in the config file, for error messages.
+struct Place<'a> {
+    file: &'a str,
+    line: usize,
+    column: usize,
+}
+
+impl<'a> Place<'a> {
+    fn of(text: &str, file: &'a str, offset: usize) -> Place<'a> {
+        let before = &text[..offset.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Place { file, line, column }
+    }
+}
+
+impl std::fmt::Display for Place<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} line {}, column {}",
+            self.file, self.line, self.column
+        )
+    }
+}
+
+/// Validation state: every problem is collected with where it came from.
+struct Check<'a> {
+    text: &'a str,
+    file: &'a str,
+    errors: Vec<String>,
+}
+
+/// A setting's value and where it was given.
+struct Given<T> {
+    value: T,
+    /// `None` for a flag or env variable, else the byte offset in the file.
+    at: Option<usize>,
+}
+
+impl<'a> Check<'a> {
+    /// Flag/env first, then the file.
+    fn pick<T: Clone>(&self, flag: &Option<T>, file: Option<Spanned<T>>) -> Option<Given<T>> {
+        match (flag, file) {
+            (Some(v), _) => Some(Given {
+                value: v.clone(),
+                at: None,
+            }),
+            (None, Some(s)) => {
+                let at = s.span().start;
+                Some(Given {
+                    value: s.into_inner(),
+                    at: Some(at),
+                })
+            }
+            (None, None) => None,
+        }
+    }
+
+    fn error(&mut self, key: &str, at: Option<usize>, message: impl std::fmt::Display) {
+        let origin = match at {
+            Some(offset) => format!(" (at {})", Place::of(self.text, self.file, offset)),
+            None => " (from a flag or environment variable)".to_owned(),
+        };
+        self.errors.push(format!("{key}: {message}{origin}"));
+    }
+
+    fn addr(&mut self, key: &str, given: Option<Given<String>>, default: &str) -> SocketAddr {
+        let (value, at) = given.map_or((default.to_owned(), None), |g| (g.value, g.at));
+        value.parse().unwrap_or_else(|e| {
+            self.error(
+                key,
+                at,
+                format!("{value:?} is not an address like 127.0.0.1:5080 ({e})"),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 0))
+        })
+    }
+
+    fn origin(&mut self, key: &str, given: Given<String>) -> Option<Upstream> {
+        parse_origin(&given.value)
+            .map_err(|e| self.error(key, given.at, e))
+            .ok()
+    }
+
+    fn file(&mut self, key: &str, given: &Option<Given<PathBuf>>) {
+        if let Some(g) = given {
+            if !g.value.is_file() {
+                let path = g.value.display().to_string();
+                self.error(key, g.at, format!("{path} is not a readable file"));
+            }
+        }
+    }
+
+    fn secs(&mut self, key: &str, given: Option<Spanned<u64>>, default: u64) -> Duration {
+        let (v, at) = given.map_or((default, None), |s| (*s.get_ref(), Some(s.span().start)));
+        if v == 0 {
+            self.error(&format!("timeouts.{key}"), at, "must be at least 1");
+        }
+        Duration::from_secs(v.max(1))
+    }
+
+    fn build(mut self, s: &Settings, raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen = self.pick(&s.listen, raw.listen);
+        let listen = self.addr("listen", listen, DEFAULT_LISTEN);
+        let admin_listen = self.pick(&s.admin_listen, raw.admin_listen);
+        let admin_listen = self.addr("admin_listen", admin_listen, DEFAULT_ADMIN_LISTEN);
+        let upstream = match self.pick(&s.upstream, raw.upstream) {
+            Some(g) => self.origin("upstream", g),
             None => {
-                errors.push(
-                    "upstream: required (--upstream, ARCHMERGE_UPSTREAM or `upstream`)".into(),
+                self.errors.push(
+                    "upstream: required (--upstream, ARCHMERGE_UPSTREAM or `upstream` in the file)"
+                        .into(),
                 );
                 None
             }
         };
-        let public_url = match pick(&s.public_url, raw.public_url).filter(|u| !u.is_empty()) {
-            Some(u) => parse_upstream(&u)
-                .map(|o| Some(o.origin))
-                .unwrap_or_else(|e| {
-                    errors.push(e.replacen("upstream", "public_url", 1));
-                    None
-                }),
-            None => None,
+        let public_url = match self.pick(&s.public_url, raw.public_url) {
+            Some(g) if !g.value.is_empty() => self.origin("public_url", g).map(|o| o.origin),
+            _ => None,
         };
-        let mode = match pick(&s.mode, raw.mode).as_deref().unwrap_or("write") {
-            "write" => Mode::Write,
-            "serve" => Mode::Serve,
-            other => {
-                errors.push(format!(
-                    "mode: {other:?} is not one of \"write\", \"serve\""
-                ));
-                Mode::Write
+        let mode = match self.pick(&s.mode, raw.mode) {
+            None => Mode::Write,
+            Some(g) => match g.value.as_str() {
+                "write" => Mode::Write,
+                "serve" => Mode::Serve,
+                other => {
+                    let msg = format!("{other:?} is not one of \"write\", \"serve\"");
+                    self.error("mode", g.at, msg);
+                    Mode::Write
+                }
+            },
+        };
+        let log_format = match self.pick(&s.log_format, raw.log_format) {
+            None => LogFormat::Text,
+            Some(g) => match g.value.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => {
+                    let msg = format!("{other:?} is not one of \"text\", \"json\"");
+                    self.error("log_format", g.at, msg);
+                    LogFormat::Text
+                }
+            },
+        };
+        let upstream_ca = self.pick(&s.upstream_ca, raw.upstream_ca);
+        self.file("upstream_ca", &upstream_ca);
+        let tls_cert = self.pick(&s.tls_cert, raw.tls_cert);
+        let tls_key = self.pick(&s.tls_key, raw.tls_key);
+        self.file("tls_cert", &tls_cert);
+        self.file("tls_key", &tls_key);
+        let tls = match (tls_cert, tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.value,
+                key: key.value,
+            }),
+            (None, None) => None,
+            (Some(g), None) | (None, Some(g)) => {
+                self.error("tls_cert", g.at, "tls_cert and tls_key go together");
+                None
             }
         };
-        let log_format = match pick(&s.log_format, raw.log_format)
-            .as_deref()
-            .unwrap_or("text")
-        {
-            "text" => LogFormat::Text,
-            "json" => LogFormat::Json,
-            other => {
-                errors.push(format!(
-                    "log_format: {other:?} is not one of \"text\", \"json\""
-                ));
-                LogFormat::Text
-            }
-        };
-        let upstream_ca = s.upstream_ca.clone().or(raw.upstream_ca);
-        if let Some(ca) = &upstream_ca {
-            if !ca.is_file() {
-                errors.push(format!(
-                    "upstream_ca: {} is not a readable file",
-                    ca.display()
-                ));
-            }
-        }
+        let admin_token = self
+            .pick(&s.admin_token, raw.admin_token)
+            .map(|g| g.value)
+            .filter(|t| !t.is_empty());
+        let upstream_credentials = self.credentials(s, raw.upstream_auth);
 
-        let secs = |key: &str, v: Option<u64>, default: u64, errors: &mut Vec<String>| {
-            let v = v.unwrap_or(default);
-            if v == 0 {
-                errors.push(format!("timeouts.{key}: must be at least 1"));
-            }
-            Duration::from_secs(v.max(1))
-        };
         let timeouts = Timeouts {
-            header_read: secs(
-                "header_read_secs",
-                raw.timeouts.header_read_secs,
-                30,
-                &mut errors,
-            ),
-            connect: secs("connect_secs", raw.timeouts.connect_secs, 5, &mut errors),
-            upstream_headers: secs(
+            header_read: self.secs("header_read_secs", raw.timeouts.header_read_secs, 30),
+            connect: self.secs("connect_secs", raw.timeouts.connect_secs, 5),
+            upstream_headers: self.secs(
                 "upstream_headers_secs",
                 raw.timeouts.upstream_headers_secs,
                 300,
-                &mut errors,
             ),
         };
 
-        let aliases = AliasTable::with_overrides(&raw.aliases)
-            .map_err(|e| errors.push(format!("aliases: {e}")))
-            .ok();
-        let patterns: Vec<Pattern> = raw
-            .merge
-            .patterns
-            .unwrap_or_else(|| vec!["{arch}_{tag}".into(), "{arch}".into()])
-            .iter()
-            .filter_map(|p| {
-                Pattern::parse(p)
-                    .map_err(|e| errors.push(format!("merge.patterns: {p:?}: {e}")))
-                    .ok()
-            })
-            .collect();
-        if patterns.is_empty() && errors.is_empty() {
-            errors.push("merge.patterns: at least one pattern is needed".into());
+        let mut aliases = AliasTable::default_table();
+        for (alias, platform) in &raw.aliases {
+            if let Err(e) = aliases.insert(alias, platform.get_ref()) {
+                self.error(&format!("aliases.{alias}"), Some(platform.span().start), e);
+            }
+        }
+        let mut patterns = Vec::new();
+        match raw.merge.patterns {
+            None => {
+                for p in ["{arch}_{tag}", "{arch}"] {
+                    patterns.push(Pattern::parse(p).expect("default patterns parse"));
+                }
+            }
+            Some(given) => {
+                if given.is_empty() {
+                    self.errors
+                        .push("merge.patterns: at least one pattern is needed".into());
+                }
+                for p in given {
+                    match Pattern::parse(p.get_ref()) {
+                        Ok(pattern) => patterns.push(pattern),
+                        Err(e) => self.error(
+                            "merge.patterns",
+                            Some(p.span().start),
+                            format!("{:?}: {e}", p.get_ref()),
+                        ),
+                    }
+                }
+            }
         }
 
-        match (upstream, aliases) {
-            (Some(upstream), Some(aliases)) if errors.is_empty() => Ok(Config {
+        match upstream {
+            Some(upstream) if self.errors.is_empty() => Ok(Config {
                 listen,
                 upstream,
                 public_url,
                 mode,
                 admin_listen,
-                upstream_ca,
+                upstream_ca: upstream_ca.map(|g| g.value),
+                upstream_insecure_skip_tls_verify: s.upstream_insecure_skip_tls_verify
+                    || raw.upstream_insecure_skip_tls_verify,
+                upstream_credentials,
+                tls,
+                admin_token,
                 log_format,
                 timeouts,
                 merge: MergeConfig {
@@ -314,52 +508,69 @@ impl Config {
                     platform_source: raw.merge.platform_source.unwrap_or(PlatformSource::Alias),
                 },
             }),
-            _ => Err(ConfigError(errors)),
+            _ => Err(ConfigError(self.errors)),
         }
+    }
+
+    fn credentials(&mut self, s: &Settings, raw: RawUpstreamAuth) -> Option<Credentials> {
+        let username = self.pick(&s.upstream_username, raw.username)?;
+        let password = match (&s.upstream_password, raw.password, raw.password_file) {
+            (Some(p), _, _) => Some(p.clone()),
+            (None, Some(p), None) => Some(p.into_inner()),
+            (None, None, Some(f)) => match std::fs::read_to_string(f.get_ref()) {
+                Ok(p) => Some(p.trim_end_matches(['\r', '\n']).to_owned()),
+                Err(e) => {
+                    let path = f.get_ref().display().to_string();
+                    self.error(
+                        "upstream_auth.password_file",
+                        Some(f.span().start),
+                        format!("{path}: {e}"),
+                    );
+                    None
+                }
+            },
+            (None, Some(p), Some(_)) => {
+                self.error(
+                    "upstream_auth.password",
+                    Some(p.span().start),
+                    "give password or password_file, not both",
+                );
+                None
+            }
+            (None, None, None) => {
+                self.error(
+                    "upstream_auth.password",
+                    username.at,
+                    "a username needs a password",
+                );
+                None
+            }
+        };
+        password.map(|password| Credentials {
+            username: username.value,
+            password,
+        })
     }
 }
 
-fn read_file(path: &Path) -> Result<RawConfig, ConfigError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(vec![format!("{}: {e}", path.display())]))?;
-    toml::from_str(&text).map_err(|e| {
-        ConfigError(vec![format!(
-            "{}: {}",
-            path.display(),
-            e.to_string().trim()
-        )])
-    })
-}
-
-fn parse_addr(key: &str, value: &str, errors: &mut Vec<String>) -> SocketAddr {
-    value.parse().unwrap_or_else(|e| {
-        errors.push(format!(
-            "{key}: {value:?} is not an address like 127.0.0.1:5080 ({e})"
-        ));
-        SocketAddr::from(([127, 0, 0, 1], 0))
-    })
-}
-
-fn parse_upstream(value: &str) -> Result<Upstream, String> {
+fn parse_origin(value: &str) -> Result<Upstream, String> {
     let uri: Uri = value
         .parse()
-        .map_err(|e| format!("upstream: {value:?} is not a URL ({e})"))?;
+        .map_err(|e| format!("{value:?} is not a URL ({e})"))?;
     let scheme = uri.scheme().cloned();
     let ok_scheme = matches!(scheme.as_ref().map(Scheme::as_str), Some("http" | "https"));
     if !ok_scheme {
-        return Err(format!(
-            "upstream: {value:?} must start with http:// or https://"
-        ));
+        return Err(format!("{value:?} must start with http:// or https://"));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!(
-            "upstream: {value:?} must be an origin (no path): archmerge serves /v2/ as the registry does"
+            "{value:?} must be an origin (no path): archmerge serves /v2/ as the registry does"
         ));
     }
     let authority = uri
         .authority()
         .cloned()
-        .ok_or_else(|| format!("upstream: {value:?} has no host"))?;
+        .ok_or_else(|| format!("{value:?} has no host"))?;
     let scheme = scheme.unwrap_or(Scheme::HTTP);
     Ok(Upstream {
         origin: format!("{scheme}://{authority}"),

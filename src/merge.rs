@@ -93,7 +93,9 @@ pub enum MergeError {
 /// What one rebuild did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
-    /// A new index was written.
+    /// An index was written where the target had none.
+    Created,
+    /// A new index replaced the target's content.
     Written,
     /// The index already had these bytes.
     Unchanged,
@@ -108,8 +110,10 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn label(self) -> &'static str {
+    /// A bounded label for metrics and logs.
+    pub fn label(self) -> &'static str {
         match self {
+            Outcome::Created => "created",
             Outcome::Written => "written",
             Outcome::Unchanged => "unchanged",
             Outcome::Coalesced => "coalesced",
@@ -385,7 +389,12 @@ impl Merger {
             }
             Desired::Index(b) => {
                 let media_type = b.media_type.to_owned();
-                (Bytes::from(b.bytes), media_type, b.digest, Outcome::Written)
+                let outcome = if current.is_none() {
+                    Outcome::Created
+                } else {
+                    Outcome::Written
+                };
+                (Bytes::from(b.bytes), media_type, b.digest, outcome)
             }
             Desired::Restore(m) => (m.bytes, m.media_type, m.digest, Outcome::Restored),
         };

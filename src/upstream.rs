@@ -191,32 +191,51 @@ impl Upstream {
 
     /// Every tag of a repository, following `Link` pagination.
     pub async fn list_tags(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
-        #[derive(serde::Deserialize)]
-        struct TagList {
-            tags: Option<Vec<String>>,
-        }
-        let mut tags = Vec::new();
-        let mut path = format!("/v2/{repo}/tags/list?n=1000");
+        self.list_paginated(&format!("/v2/{repo}/tags/list?n=1000"), "tags", auth)
+            .await
+    }
+
+    /// Every repository of the registry (`/v2/_catalog`), paginated.
+    pub async fn list_catalog(&self, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
+        self.list_paginated("/v2/_catalog?n=1000", "repositories", auth)
+            .await
+    }
+
+    /// A distribution listing (`{"<key>": [...]}`), following `Link: <…>;
+    /// rel="next"` until the registry sends none. A 404 is an empty list.
+    async fn list_paginated(
+        &self,
+        first: &str,
+        key: &str,
+        auth: &Auth,
+    ) -> Result<Vec<String>, UpstreamError> {
+        let mut items = Vec::new();
+        let mut path = first.to_owned();
         // Bounded: a registry that keeps sending `next` cannot loop us forever.
-        for _ in 0..10_000 {
+        for _ in 0..100_000 {
             let resp = self.call(Method::GET, &path, auth, None, None).await?;
             if resp.status() == StatusCode::NOT_FOUND {
-                return Ok(tags);
+                return Ok(items);
             }
             let next = next_link(resp.headers());
-            let bytes = expect_ok(resp, "tags list", MAX_MANIFEST_BYTES).await?;
-            let list: TagList =
+            let bytes = expect_ok(resp, key, MAX_MANIFEST_BYTES).await?;
+            let mut page: serde_json::Value =
                 serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
-                    what: "tags list".into(),
+                    what: key.to_owned(),
                     reason: e.to_string(),
                 })?;
-            tags.extend(list.tags.unwrap_or_default());
+            if let serde_json::Value::Array(list) = page[key].take() {
+                items.extend(
+                    list.into_iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned)),
+                );
+            }
             match next {
-                Some(n) => path = n,
-                None => break,
+                Some(n) if n != path => path = n,
+                _ => break,
             }
         }
-        Ok(tags)
+        Ok(items)
     }
 
     /// A manifest by tag or digest; `None` when the registry has none.

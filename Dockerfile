@@ -1,0 +1,47 @@
+# archmerge in a container: a multi-stage build, non-root runtime.
+#
+#   docker build -t archmerge .
+#   docker run --rm -p 5080:5080 -e ARCHMERGE_UPSTREAM=http://my-registry:5000 archmerge
+#
+# docker-compose.yml runs it together with registry:2.
+
+# === build ===
+FROM rust:1-bookworm AS build
+WORKDIR /src
+
+# Dependencies first, against stub sources: this layer is reused until
+# Cargo.toml or Cargo.lock change.
+COPY Cargo.toml Cargo.lock ./
+RUN mkdir src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch src/lib.rs \
+    && cargo build --release --locked \
+    && rm -rf src
+
+# Then archmerge itself. COPY keeps the context's mtimes, which can be older
+# than the stub build: touch so cargo rebuilds the crate.
+COPY src ./src
+RUN touch src/main.rs src/lib.rs \
+    && cargo build --release --locked \
+    && strip --strip-debug target/release/archmerge
+
+# === runtime ===
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin archmerge
+COPY --from=build /src/target/release/archmerge /usr/local/bin/archmerge
+# The commented reference configuration, for `--config` or ARCHMERGE_CONFIG.
+COPY config/archmerge.toml /etc/archmerge/archmerge.toml.example
+
+# Listen on every interface inside the container; the admin listener too, so
+# a published 5081 reaches /healthz and /metrics. Override with -e.
+ENV ARCHMERGE_LISTEN=0.0.0.0:5080 \
+    ARCHMERGE_ADMIN_LISTEN=0.0.0.0:5081 \
+    ARCHMERGE_UPSTREAM=http://registry:5000 \
+    RUST_LOG=info
+
+USER archmerge
+EXPOSE 5080 5081
+ENTRYPOINT ["archmerge", "serve"]
