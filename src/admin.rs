@@ -6,6 +6,14 @@
 //! - `GET /readyz` — 200 when the registry answers `/v2/` with 200 or 401,
 //!   503 otherwise.
 //! - `GET /metrics` — Prometheus text format.
+//! - `POST /reconcile[?repo=NAME]` — reconcile one repository or the whole
+//!   catalog; answers the summary as JSON.
+//! - `POST /events` — the registry's notification webhook ([`crate::events`]).
+//!
+//! The two POST endpoints change the registry, so they need
+//! `Authorization: Bearer <admin_token>`; with no token configured,
+//! `/reconcile` is refused and `/events` is open to the (loopback) admin
+//! address only by where it listens.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,8 +27,15 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
+use http_body_util::{BodyExt, Limited};
+
 use crate::body::{self, Body};
 use crate::server::App;
+use crate::upstream::Auth;
+use crate::{events, reconcile};
+
+/// Largest notification envelope read.
+const MAX_EVENTS_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long `/readyz` waits for the registry.
 const READY_TIMEOUT: Duration = Duration::from_secs(3);
@@ -64,8 +79,74 @@ pub async fn run(
     }
 }
 
-async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
+        (&Method::POST, "/reconcile") => {
+            if app.config.admin_token.is_none() {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "set admin_token (ARCHMERGE_ADMIN_TOKEN) to enable POST /reconcile\n",
+                );
+            }
+            if !authorized(app, &req) {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid admin token is required\n",
+                );
+            }
+            let repos: Vec<String> = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter_map(|kv| kv.strip_prefix("repo="))
+                .map(|r| r.to_owned())
+                .collect();
+            if let Some(bad) = repos.iter().find(|r| !crate::oci::is_valid_name(r)) {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("invalid repository {bad:?}\n"),
+                );
+            }
+            let auth = Auth::own(app.config.upstream_credentials.as_ref());
+            match reconcile::run(&app.merger, &app.upstream, &repos, &auth, |_| {}).await {
+                Ok(summary) => {
+                    let json = serde_json::to_string(&summary).unwrap_or_default();
+                    let mut resp = text(StatusCode::OK, &json);
+                    resp.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/json"),
+                    );
+                    resp
+                }
+                Err(e) => text(StatusCode::BAD_GATEWAY, &format!("reconcile failed: {e}\n")),
+            }
+        }
+        (&Method::POST, "/events") => {
+            if app.config.admin_token.is_some() && !authorized(app, &req) {
+                return text(
+                    StatusCode::UNAUTHORIZED,
+                    "a valid admin token is required\n",
+                );
+            }
+            let body = match Limited::new(req.into_body(), MAX_EVENTS_BYTES)
+                .collect()
+                .await
+            {
+                Ok(c) => c.to_bytes(),
+                Err(e) => return text(StatusCode::BAD_REQUEST, &format!("reading events: {e}\n")),
+            };
+            match events::parse(&body, &app.config.merge.rules) {
+                Ok(work) => {
+                    events::apply(app, work);
+                    text(StatusCode::OK, "accepted\n")
+                }
+                Err(e) => text(
+                    StatusCode::BAD_REQUEST,
+                    &format!("not an event envelope: {e}\n"),
+                ),
+            }
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
             let ready = tokio::time::timeout(READY_TIMEOUT, app.upstream.ping()).await;
@@ -93,6 +174,26 @@ async fn handle(app: &App, req: Request<Incoming>) -> Response<Body> {
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Whether the request carries the configured admin token (compared in
+/// constant time, so the comparison leaks nothing about the token).
+fn authorized<B>(app: &App, req: &Request<B>) -> bool {
+    let Some(token) = &app.config.admin_token else {
+        return false;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
 }
 
 fn text(status: StatusCode, s: &str) -> Response<Body> {

@@ -10,7 +10,7 @@
 //! or writes indexes itself; in serve mode nothing is merged at push time,
 //! the target's cached aggregate is only dropped.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
@@ -42,6 +42,7 @@ pub async fn put_manifest(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        drain(incoming).await;
         return Err(ProxyError::ManifestTooLarge {
             limit: MAX_MANIFEST_BYTES,
         });
@@ -134,13 +135,41 @@ pub async fn delete_manifest(
     Ok(resp)
 }
 
-/// Buffers a manifest body, refusing more than the limit.
-async fn read_manifest_body(incoming: Incoming) -> Result<Bytes, ProxyError> {
-    match Limited::new(incoming, MAX_MANIFEST_BYTES).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ProxyError::ManifestTooLarge {
-            limit: MAX_MANIFEST_BYTES,
-        }),
-        Err(e) => Err(ProxyError::ClientBody(e.to_string())),
+/// Most of a refused body archmerge reads (and drops) before answering, and
+/// how long it waits for it: many clients only read the answer once they
+/// have sent their whole body, and would see a broken pipe instead of 413.
+const DRAIN_CAP: u64 = 64 * 1024 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(10);
+
+/// Reads and drops a refused body, bounded in size and time; past either
+/// bound the connection is closed instead.
+async fn drain(mut incoming: Incoming) {
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(frame)) = incoming.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+            if seen > DRAIN_CAP {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+/// Buffers a manifest body, refusing (and draining) more than the limit.
+async fn read_manifest_body(mut incoming: Incoming) -> Result<Bytes, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+        if let Some(data) = frame.data_ref() {
+            if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                drain(incoming).await;
+                return Err(ProxyError::ManifestTooLarge {
+                    limit: MAX_MANIFEST_BYTES,
+                });
+            }
+            buf.extend_from_slice(data);
+        }
     }
+    Ok(buf.freeze())
 }

@@ -19,6 +19,7 @@
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then hand arch tags to merge.
 //! - [`merge`] — rebuild a target from the registry; per-target locks; verify loop.
 //! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.
+//! - [`tls`] — rustls on the listener and towards an https registry.
 //! - [`upstream`] — the pooled registry client and typed registry calls.
 //! - [`rules`] — pure: tag patterns and the arch alias table.
 //! - [`platform`] — pure: platform normalisation and matching.
@@ -26,8 +27,11 @@
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
 //! - [`error`] — the request-boundary error and its response.
 //! - [`body`] — the one body type for streamed and buffered bodies.
+//! - [`reconcile`] — build or repair the indexes for arch tags already in the registry.
+//! - [`inspect`] — what a target lists, entry by entry.
 //! - [`metrics`] — Prometheus families.
-//! - [`admin`] — the admin listener: health, readiness, metrics.
+//! - [`admin`] — the admin listener: health, readiness, metrics, reconcile, webhook.
+//! - [`events`] — the registry's notification webhook.
 //!
 //! Layering: `server` calls `forward` and `intercept`; `intercept` calls
 //! `merge`; `merge` calls `upstream` and the pure modules. Nothing calls
@@ -54,15 +58,19 @@ pub mod admin;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod events;
 pub mod forward;
 pub mod index;
+pub mod inspect;
 pub mod intercept;
 pub mod merge;
 pub mod metrics;
 pub mod oci;
 pub mod platform;
+pub mod reconcile;
 pub mod route;
 pub mod rules;
 pub mod serve;
 pub mod server;
+pub mod tls;
 pub mod upstream;

@@ -199,6 +199,11 @@ impl Merger {
         }
     }
 
+    /// The tag rules this engine merges by.
+    pub fn rules(&self) -> &crate::rules::TagRules {
+        &self.config.rules
+    }
+
     /// After the registry accepted a push of an arch tag: bring its target
     /// up to date before the client is answered. Failures are retried in the
     /// background; this never fails the push.

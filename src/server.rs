@@ -90,9 +90,19 @@ pub async fn run(
         .timer(TokioTimer::new())
         .adaptive_window(true)
         .max_concurrent_streams(256);
+    let acceptor = match &app.config.tls {
+        Some(files) => Some(crate::tls::acceptor(files)?),
+        None => None,
+    };
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
-    tracing::info!(addr = %listener.local_addr()?, upstream = %app.config.upstream.origin, "listening");
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        tls = app.config.tls.is_some(),
+        upstream = %app.config.upstream.origin,
+        mode = ?app.config.mode,
+        "listening"
+    );
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -107,18 +117,47 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
+        let tls = acceptor.is_some();
+        let app2 = app.clone();
         let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req, peer, false).await) }
+            let app = app2.clone();
+            async move { Ok::<_, Infallible>(handle(&app, req, peer, tls).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "connection ended with an error");
+        match &acceptor {
+            None => {
+                let conn = builder.serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn.into_owned());
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
             }
-        });
+            Some(acceptor) => {
+                // The handshake runs in the connection's task, bounded like
+                // the request headers, so a slow client holds up nobody.
+                let (acceptor, builder, watcher) =
+                    (acceptor.clone(), builder.clone(), graceful.watcher());
+                let limit = app.config.timeouts.header_read;
+                tokio::spawn(async move {
+                    let stream = match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %peer, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
+                        tracing::debug!(error = %e, %peer, "connection ended with an error");
+                    }
+                });
+            }
+        }
     }
     tracing::info!("shutting down; draining in-flight requests");
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
@@ -162,11 +201,20 @@ pub async fn handle(
             status,
         })
         .inc();
-    tracing::debug!(
+    let bytes = resp
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // The access log: one line per request, never a header value (so never
+    // a credential). `RUST_LOG=archmerge::access=warn` silences it.
+    tracing::info!(
+        target: "archmerge::access",
         method = %method,
         route = kind,
         status,
         elapsed_ms = started.elapsed().as_millis() as u64,
+        bytes,
         "request"
     );
     resp

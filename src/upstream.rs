@@ -6,7 +6,6 @@
 //! pushing client's own `Authorization` so archmerge never reads or writes
 //! what that client could not. Nothing here decides what to merge.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -83,6 +82,24 @@ pub struct FetchedManifest {
 #[derive(Clone, Debug, Default)]
 pub struct Auth(pub Option<HeaderValue>);
 
+impl Auth {
+    /// archmerge's own identity: HTTP Basic from the configured credentials,
+    /// or anonymous.
+    pub fn own(credentials: Option<&crate::config::Credentials>) -> Auth {
+        use base64::Engine as _;
+        let Some(c) = credentials else {
+            return Auth(None);
+        };
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", c.username, c.password));
+        let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok();
+        if let Some(v) = value.as_mut() {
+            v.set_sensitive(true);
+        }
+        Auth(value)
+    }
+}
+
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
 
 /// The pooled client for the registry.
@@ -104,7 +121,10 @@ impl Upstream {
         http.set_nodelay(true);
         http.set_connect_timeout(Some(config.timeouts.connect));
         http.set_keepalive(Some(Duration::from_secs(60)));
-        let tls = tls_config(config.upstream_ca.as_deref())?;
+        let tls = crate::tls::client_config(
+            config.upstream_ca.as_deref(),
+            config.upstream_insecure_skip_tls_verify,
+        )?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -439,29 +459,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
-}
-
-fn tls_config(ca_file: Option<&std::path::Path>) -> std::io::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
-        // A system store with an odd certificate must not stop archmerge.
-        let _ = roots.add(cert);
-    }
-    if let Some(path) = ca_file {
-        let pem = std::fs::read(path)?;
-        for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-            roots
-                .add(cert?)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 #[cfg(test)]

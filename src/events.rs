@@ -1,0 +1,149 @@
+//! The registry's notification webhook: arch tags pushed or deleted
+//! straight at the registry (bypassing archmerge) are merged too.
+//!
+//! distribution POSTs an envelope
+//! (`application/vnd.docker.distribution.events.v1+json`) of events to the
+//! admin listener's `/events`. [`parse`] picks out what matters — manifest
+//! pushes of arch tags, and manifest deletes — and [`apply`] acts on them
+//! with archmerge's own credentials, in the background: the registry only
+//! needs a quick 2xx, and retries deliveries that fail. Pushes that came
+//! through archmerge arrive here too; their rebuild finds the index already
+//! right and writes nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+
+use crate::config::Mode;
+use crate::rules::TagRules;
+use crate::server::App;
+use crate::upstream::Auth;
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    events: Vec<Event>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Event {
+    #[serde(default)]
+    action: String,
+    #[serde(default)]
+    target: Target,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Target {
+    #[serde(default)]
+    media_type: String,
+    #[serde(default)]
+    repository: String,
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+/// What the events ask archmerge to do.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Work {
+    /// (repo, target) to rebuild: an arch tag of it was pushed or deleted.
+    pub targets: BTreeSet<(String, String)>,
+    /// Repositories to reconcile whole: a manifest was deleted by digest,
+    /// and the event does not say which tags listed it.
+    pub repos: BTreeSet<String>,
+}
+
+/// Reads an envelope; events that are not about manifests are ignored.
+pub fn parse(body: &[u8], rules: &TagRules) -> Result<Work, serde_json::Error> {
+    let envelope: Envelope = serde_json::from_slice(body)?;
+    let mut work = Work::default();
+    for e in envelope.events {
+        let t = e.target;
+        let manifest = t.media_type.contains("manifest") || t.media_type.contains("image.index");
+        if t.repository.is_empty() || !crate::oci::is_valid_name(&t.repository) {
+            continue;
+        }
+        match (e.action.as_str(), &t.tag) {
+            ("push", Some(tag)) if manifest => {
+                if let Some(arch) = rules.match_tag(tag) {
+                    work.targets.insert((t.repository, arch.target));
+                }
+            }
+            ("delete", Some(tag)) => {
+                if let Some(arch) = rules.match_tag(tag) {
+                    work.targets.insert((t.repository, arch.target));
+                }
+            }
+            ("delete", None) => {
+                work.repos.insert(t.repository);
+            }
+            _ => {}
+        }
+    }
+    Ok(work)
+}
+
+/// Acts on the work in the background, with archmerge's own credentials.
+pub fn apply(app: &Arc<App>, work: Work) {
+    if work.targets.is_empty() && work.repos.is_empty() {
+        return;
+    }
+    let app = app.clone();
+    tokio::spawn(async move {
+        let auth = Auth::own(app.config.upstream_credentials.as_ref());
+        for (repo, target) in &work.targets {
+            match app.config.mode {
+                Mode::Write => app.merger.update(repo, target, &auth, Instant::now()).await,
+                Mode::Serve => app.aggregates.invalidate(repo, target).await,
+            }
+        }
+        for repo in &work.repos {
+            match app.config.mode {
+                Mode::Write => {
+                    let repos = [repo.clone()];
+                    let done =
+                        crate::reconcile::run(&app.merger, &app.upstream, &repos, &auth, |_| {})
+                            .await;
+                    if let Err(e) = done {
+                        tracing::warn!(repo, error = %e, "reconcile after a delete event failed");
+                    }
+                }
+                // Aggregates expire within a second by themselves.
+                Mode::Serve => {}
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_manifest_pushes_of_arch_tags_and_deletes() {
+        let body = br#"{"events":[
+          {"action":"push","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"aarch64_v1","digest":"sha256:1"}},
+          {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"app","tag":"v1"}},
+          {"action":"push","target":{"mediaType":"application/octet-stream","repository":"app","digest":"sha256:2"}},
+          {"action":"pull","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"x86_64"}},
+          {"action":"delete","target":{"repository":"other","digest":"sha256:3"}},
+          {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"BAD","tag":"x86_64"}}
+        ]}"#;
+        let work = parse(body, &TagRules::default()).unwrap();
+        let targets: Vec<_> = work.targets.into_iter().collect();
+        assert_eq!(targets, vec![("app".to_owned(), "v1".to_owned())]);
+        assert_eq!(
+            work.repos.into_iter().collect::<Vec<_>>(),
+            vec!["other".to_owned()]
+        );
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(parse(b"not json", &TagRules::default()).is_err());
+        assert_eq!(parse(b"{}", &TagRules::default()).unwrap(), Work::default());
+    }
+}
