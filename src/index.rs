@@ -47,6 +47,9 @@ pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.
 pub const ANN_SOURCE_TAG: &str = "io.archmerge.tag";
 /// On entries kept from something archmerge did not make: the digest of that manifest.
 pub const ANN_AMENDED: &str = "io.archmerge.amended";
+/// On the index: the digest of what the target held before archmerge first wrote there
+/// (a plain image or a foreign index), put back when no arch tag is left.
+pub const ANN_BASE: &str = "io.archmerge.base";
 /// Prefix of every annotation archmerge owns (stale ones are removed before writing).
 pub const ANN_PREFIX: &str = "io.archmerge.";
 /// buildx: what kind of reference an entry is.
@@ -232,8 +235,10 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 /// distribution keeps descriptor annotations there, and without them a target could not be
 /// recognised as archmerge's.
 ///
-/// **Media type.** See [`IndexFormat`]. `annotations` (index level) are written for OCI only;
-/// a Docker manifest list has no such field, so they are ignored there.
+/// **Media type.** See [`IndexFormat`]. `annotations` (index level) are written for OCI only,
+/// except archmerge's own `io.archmerge.*` keys (e.g. [`ANN_BASE`]), which go into both: a
+/// Docker manifest list has no such field in its schema, but distribution stores the list as
+/// sent and clients ignore fields they do not know.
 ///
 /// **Bytes.** One fixed serializer: the `oci_spec` [`ImageIndex`] (schemaVersion 2,
 /// `mediaType` always present) is turned into a `serde_json::Value`, every object's keys are
@@ -266,8 +271,16 @@ pub fn build_index(
     let mut index = ImageIndex::default();
     index.set_media_type(Some(MediaType::from(media_type)));
     index.set_manifests(descriptors);
-    if media_type == OCI_INDEX && !annotations.is_empty() {
-        index.set_annotations(Some(annotations.clone().into_iter().collect()));
+    // A Docker list has no index-level annotations in its schema: there only
+    // archmerge's own bookkeeping goes (distribution stores the list as sent,
+    // and Docker clients ignore fields they do not know).
+    let annotations: HashMap<String, String> = annotations
+        .iter()
+        .filter(|(k, _)| media_type == OCI_INDEX || k.starts_with(ANN_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !annotations.is_empty() {
+        index.set_annotations(Some(annotations));
     }
     let bytes = canonical_bytes(&index)?;
     Ok(BuiltIndex {

@@ -51,7 +51,7 @@ use crate::config::MergeConfig;
 use crate::index::{
     self, build_index, entry_platform, flatten, parse_config_platform, parse_manifest,
     read_target_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest,
-    TargetState,
+    TargetState, ANN_BASE,
 };
 use crate::metrics::{CacheLabels, Metrics};
 use crate::platform::Platform;
@@ -88,6 +88,13 @@ pub enum MergeError {
     /// Pushes kept landing during every round.
     #[error("no stable snapshot after {0} rounds")]
     NotConverged(usize),
+}
+
+impl MergeError {
+    /// A registry 5xx: likely gone on an immediate retry.
+    fn is_transient(&self) -> bool {
+        matches!(self, MergeError::Upstream(UpstreamError::Status { status, .. }) if status.is_server_error())
+    }
 }
 
 /// What one rebuild did.
@@ -140,6 +147,18 @@ pub enum Desired {
     Nothing,
 }
 
+/// What the target tag holds, as the merge reads it.
+#[derive(Default)]
+struct Current {
+    /// archmerge wrote it.
+    ours: bool,
+    /// Entries of what archmerge did not make, kept where no arch tag
+    /// provides their platform.
+    amended: Vec<Entry>,
+    /// What the target held before archmerge first wrote there.
+    base: Option<String>,
+}
+
 /// A target as it is, and as it should be.
 #[derive(Debug)]
 pub struct Plan {
@@ -180,6 +199,8 @@ pub struct Merger {
     manifests: Cache<String, Arc<Facts>>,
     /// Config digest → platform details. Immutable by content addressing.
     configs: Cache<String, Arc<ConfigPlatform>>,
+    /// (arch tag, digest) pairs whose alias/config mismatch was reported.
+    mismatches_seen: moka::sync::Cache<(String, String), ()>,
 }
 
 impl Merger {
@@ -196,6 +217,7 @@ impl Merger {
                 .max_capacity(64 * 1024 * 1024)
                 .build(),
             configs: Cache::builder().max_capacity(100_000).build(),
+            mismatches_seen: moka::sync::Cache::new(100_000),
         }
     }
 
@@ -319,7 +341,19 @@ impl Merger {
                 Ok(Outcome::Coalesced)
             } else {
                 let started = Instant::now();
-                let r = self.rebuild_until_stable(repo, target, auth).await;
+                let mut r = self.rebuild_until_stable(repo, target, auth).await;
+                // distribution answers a HEAD of a tag it is still writing
+                // with a 500; such a hiccup is retried at once, so the push
+                // waiting on this merge still returns with its index.
+                for delay_ms in [20, 100, 400] {
+                    match &r {
+                        Err(e) if e.is_transient() => {
+                            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            r = self.rebuild_until_stable(repo, target, auth).await;
+                        }
+                        _ => break,
+                    }
+                }
                 if r.is_ok() {
                     *converged = Some(started);
                 }
@@ -387,9 +421,18 @@ impl Merger {
         let (bytes, media_type, digest, outcome) = match desired {
             Desired::Nothing => return Ok(Outcome::Nothing),
             Desired::Delete => {
-                if let Some(d) = current_digest {
-                    self.upstream.delete_manifest(repo, d, auth).await?;
+                let Some(d) = current_digest else {
+                    return Ok(Outcome::Nothing);
+                };
+                // distribution deletes by digest, and a delete takes every tag
+                // on that digest with it: an index also tagged elsewhere by a
+                // user is left in place rather than taking that tag along.
+                let others = self.other_tags_on(repo, target, d, auth).await?;
+                if !others.is_empty() {
+                    tracing::warn!(repo, reference = target, digest = d, also_tagged = ?others, "index has no arch tag left but is tagged elsewhere too; not deleted");
+                    return Ok(Outcome::Unchanged);
                 }
+                self.upstream.delete_manifest(repo, d, auth).await?;
                 return Ok(Outcome::Removed);
             }
             Desired::Index(b) => {
@@ -414,6 +457,31 @@ impl Merger {
         Ok(outcome)
     }
 
+    /// Tags other than `target` (and other than arch tags) that point at
+    /// `digest`.
+    async fn other_tags_on(
+        &self,
+        repo: &str,
+        target: &str,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<Vec<String>, MergeError> {
+        let tags = self.upstream.list_tags(repo, auth).await?;
+        let candidates = tags
+            .into_iter()
+            .filter(|t| t != target && !self.config.rules.is_arch_tag(t));
+        let heads = candidates.map(|t| async move {
+            let d = self.upstream.head_manifest(repo, &t, auth).await?;
+            Ok::<_, UpstreamError>((t, d))
+        });
+        Ok(try_join_all(heads)
+            .await?
+            .into_iter()
+            .filter(|(_, d)| d.as_deref() == Some(digest))
+            .map(|(t, _)| t)
+            .collect())
+    }
+
     /// What the registry's state calls for at `target`, given its arch tags.
     ///
     /// Managed entries come from the arch tags; entries of what the target
@@ -426,9 +494,18 @@ impl Merger {
         snapshot: &Snapshot,
         auth: &Auth,
     ) -> Result<Plan, MergeError> {
-        let children = snapshot
-            .values()
-            .map(|(arch, digest)| self.arch_entries(repo, arch, digest, auth));
+        let children = snapshot.values().map(|(arch, digest)| async move {
+            match self.arch_entries(repo, arch, digest, auth).await {
+                // One unusable arch tag must not hold back the others: it is
+                // left out, loudly, until it is pushed again.
+                Err(MergeError::BadChild { tag, reason }) => {
+                    self.metrics.merge("child_skipped");
+                    tracing::warn!(repo, reference = %tag, error = %reason, "arch tag left out of the index");
+                    Ok(Vec::new())
+                }
+                other => other,
+            }
+        });
         let managed: Vec<Entry> = try_join_all(children)
             .await?
             .into_iter()
@@ -436,8 +513,12 @@ impl Merger {
             .collect();
 
         let current = self.upstream.get_manifest(repo, target, auth).await?;
-        let (ours, amended) = match &current {
-            None => (false, Vec::new()),
+        let Current {
+            ours,
+            amended,
+            base,
+        } = match &current {
+            None => Current::default(),
             Some(m) => self.read_current(repo, m, auth).await?,
         };
         let provided: BTreeSet<_> = managed
@@ -461,17 +542,19 @@ impl Merger {
         let desired = if !managed.is_empty() {
             let mut entries = managed;
             entries.extend(kept);
-            Desired::Index(self.build(&entries)?)
+            Desired::Index(self.build(&entries, base)?)
         } else if ours {
-            self.fall_back(repo, kept, auth).await?
+            self.fall_back(repo, kept, base, auth).await?
         } else {
             Desired::Nothing
         };
         Ok(Plan { current, desired })
     }
 
-    fn build(&self, entries: &[Entry]) -> Result<BuiltIndex, MergeError> {
-        let built = build_index(entries, self.config.index_format, &BTreeMap::new())
+    fn build(&self, entries: &[Entry], base: Option<String>) -> Result<BuiltIndex, MergeError> {
+        let annotations: BTreeMap<String, String> =
+            base.map(|b| (ANN_BASE.to_owned(), b)).into_iter().collect();
+        let built = build_index(entries, self.config.index_format, &annotations)
             .map_err(|e| MergeError::Index(e.to_string()))?;
         for d in &built.dropped {
             tracing::warn!(
@@ -484,20 +567,33 @@ impl Merger {
         Ok(built)
     }
 
-    /// What the target holds now: whether archmerge made it, and the entries
-    /// to keep from what it did not make.
+    /// What the target holds now: whether archmerge made it, the entries to
+    /// keep from what it did not make, and what it held before archmerge
+    /// first wrote there.
     async fn read_current(
         &self,
         repo: &str,
         current: &FetchedManifest,
         auth: &Auth,
-    ) -> Result<(bool, Vec<Entry>), MergeError> {
+    ) -> Result<Current, MergeError> {
         let parsed = parse_manifest(Some(&current.media_type), &current.bytes)
             .map_err(|e| MergeError::Unmergeable(e.to_string()))?;
         match parsed {
             Manifest::Index(idx) => Ok(match read_target_index(&current.digest, &idx) {
-                TargetState::Ours { amended } => (true, amended),
-                TargetState::Foreign { entries } => (false, entries),
+                TargetState::Ours { amended } => Current {
+                    ours: true,
+                    amended,
+                    base: idx
+                        .annotations()
+                        .as_ref()
+                        .and_then(|a| a.get(ANN_BASE))
+                        .cloned(),
+                },
+                TargetState::Foreign { entries } => Current {
+                    ours: false,
+                    amended: entries,
+                    base: Some(current.digest.clone()),
+                },
             }),
             Manifest::Image(info) => {
                 let config = self
@@ -519,9 +615,10 @@ impl Merger {
                     &current.digest,
                     current.bytes.len() as u64,
                 )?;
-                Ok((
-                    false,
-                    vec![Entry {
+                Ok(Current {
+                    ours: false,
+                    base: Some(current.digest.clone()),
+                    amended: vec![Entry {
                         descriptor,
                         platform,
                         kind: EntryKind::Image,
@@ -529,36 +626,31 @@ impl Merger {
                             from: current.digest.clone(),
                         },
                     }],
-                ))
+                })
             }
         }
     }
 
-    /// The last managed entry is gone: put back what the index amended, or
-    /// delete the index when it amended nothing.
+    /// The last managed entry is gone: put back what the target held before
+    /// archmerge first wrote there, or delete the index when it held nothing.
     async fn fall_back(
         &self,
         repo: &str,
         kept: Vec<Entry>,
+        base: Option<String>,
         auth: &Auth,
     ) -> Result<Desired, MergeError> {
+        if let Some(base) = base {
+            if let Some(original) = self.upstream.get_manifest(repo, &base, auth).await? {
+                return Ok(Desired::Restore(original));
+            }
+            tracing::warn!(repo, digest = %base, "the manifest this index amended is gone from the registry");
+        }
         if kept.is_empty() {
             return Ok(Desired::Delete);
         }
-        let origins: BTreeSet<&str> = kept
-            .iter()
-            .filter_map(|e| match &e.source {
-                EntrySource::Amended { from } => Some(from.as_str()),
-                EntrySource::Managed { .. } => None,
-            })
-            .collect();
-        if let [from] = origins.into_iter().collect::<Vec<_>>()[..] {
-            if let Some(original) = self.upstream.get_manifest(repo, from, auth).await? {
-                return Ok(Desired::Restore(original));
-            }
-        }
         // The original is gone from the registry: list what was kept of it.
-        Ok(Desired::Index(self.build(&kept)?))
+        Ok(Desired::Index(self.build(&kept, None)?))
     }
 
     /// The entries one arch tag contributes: its image, or the flattened
@@ -580,7 +672,7 @@ impl Merger {
                     .config_platform(repo, &info.config_digest, auth)
                     .await
                     .ok();
-                let platform = self.decide_platform(repo, arch, config.as_deref());
+                let platform = self.decide_platform(repo, arch, digest, config.as_deref());
                 Ok(vec![Entry {
                     descriptor: descriptor(&facts.media_type, digest, facts.size)?,
                     platform,
@@ -609,7 +701,7 @@ impl Merger {
                                         os_features: p.os_features,
                                     }
                                 });
-                                self.decide_platform(repo, arch, details.as_ref())
+                                self.decide_platform(repo, arch, digest, details.as_ref())
                             }
                             EntryKind::Attestation { .. } => d
                                 .platform()
@@ -633,11 +725,17 @@ impl Merger {
         &self,
         repo: &str,
         arch: &ArchTag,
+        digest: &str,
         config: Option<&ConfigPlatform>,
     ) -> Platform {
         let (platform, mismatch) =
             entry_platform(&arch.platform, config, self.config.platform_source);
-        if let Some(m) = mismatch {
+        // Counted and logged once per (arch tag, digest) and process, not on
+        // every rebuild of the target.
+        let seen_key = (arch.tag.clone(), digest.to_owned());
+        let first = mismatch.is_some() && !self.mismatches_seen.contains_key(&seen_key);
+        if let Some(m) = mismatch.filter(|_| first) {
+            self.mismatches_seen.insert(seen_key, ());
             self.metrics.platform_mismatches.inc();
             tracing::warn!(
                 repo,

@@ -53,6 +53,8 @@ pub struct Metrics {
     pub platform_mismatches: Counter,
     /// Background retries of a failed merge.
     pub merge_retries: Counter,
+    /// Time until the registry's response headers, every upstream call.
+    pub upstream_seconds: Histogram,
     /// Cache hits by cache.
     pub cache_hits: Family<CacheLabels, Counter>,
     /// Cache misses by cache.
@@ -97,6 +99,12 @@ impl Metrics {
             "Background retries of merges that failed",
             merge_retries.clone(),
         );
+        let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "upstream_request_duration_seconds",
+            "Time until the registry's response headers arrive",
+            upstream_seconds.clone(),
+        );
         let cache_hits = Family::<CacheLabels, Counter>::default();
         registry.register("cache_hits", "Cache hits", cache_hits.clone());
         let cache_misses = Family::<CacheLabels, Counter>::default();
@@ -109,6 +117,7 @@ impl Metrics {
             writes_skipped,
             platform_mismatches,
             merge_retries,
+            upstream_seconds,
             cache_hits,
             cache_misses,
         }

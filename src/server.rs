@@ -54,7 +54,7 @@ impl App {
     pub fn new(config: Config) -> std::io::Result<Arc<App>> {
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
-        let upstream = Upstream::new(&config)?;
+        let upstream = Upstream::new(&config, metrics.clone())?;
         let merger = Arc::new(Merger::new(
             upstream.clone(),
             config.merge.clone(),

@@ -8,6 +8,8 @@
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Limited};
@@ -18,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, Body};
 use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::oci::MAX_MANIFEST_BYTES;
 
 /// Every manifest media type archmerge understands, sent as `Accept` on its
@@ -110,12 +113,14 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// How long the registry may take to start answering.
     headers_timeout: Duration,
+    /// Where upstream latency is observed.
+    metrics: Arc<Metrics>,
 }
 
 impl Upstream {
     /// Builds the pooled client: http or https (system roots plus the
     /// optional CA file), HTTP/2 by ALPN, connect timeout from the config.
-    pub fn new(config: &Config) -> std::io::Result<Upstream> {
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> std::io::Result<Upstream> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -140,6 +145,7 @@ impl Upstream {
             client,
             config: config.upstream.clone(),
             headers_timeout: config.timeouts.upstream_headers,
+            metrics,
         })
     }
 
@@ -156,7 +162,12 @@ impl Upstream {
     /// Sends a request and waits (bounded) for the response headers; the
     /// body then streams with no total timeout.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
-        match tokio::time::timeout(self.headers_timeout, self.client.request(req)).await {
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(self.headers_timeout, self.client.request(req)).await;
+        self.metrics
+            .upstream_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
             Err(_) => Err(UpstreamError::Timeout(self.headers_timeout)),
