@@ -92,6 +92,8 @@ struct RawConfig {
     #[serde(default)]
     timeouts: RawTimeouts,
     #[serde(default)]
+    cache: RawCache,
+    #[serde(default)]
     merge: RawMerge,
     #[serde(default)]
     aliases: BTreeMap<String, S>,
@@ -111,6 +113,14 @@ struct RawTimeouts {
     header_read_secs: Option<Spanned<u64>>,
     connect_secs: Option<Spanned<u64>>,
     upstream_headers_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCache {
+    staleness_ms: Option<Spanned<u64>>,
+    served_digest_ttl_secs: Option<Spanned<u64>>,
+    manifests_mib: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -164,6 +174,29 @@ pub struct Timeouts {
     pub upstream_headers: Duration,
 }
 
+/// Cache sizes and lifetimes. Caches only ever hold what the registry's
+/// content says, never who may read it.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheConfig {
+    /// Serve mode: how stale a served index may be (across replicas).
+    pub staleness: Duration,
+    /// Serve mode: how long a served index stays reachable by digest after
+    /// it was last asked for.
+    pub served_digest_ttl: Duration,
+    /// Weight bound of each per-digest cache (manifests, served indexes).
+    pub max_bytes: u64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            staleness: Duration::from_millis(1000),
+            served_digest_ttl: Duration::from_secs(600),
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
 /// How arch tags are merged.
 #[derive(Clone, Debug)]
 pub struct MergeConfig {
@@ -202,6 +235,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Timeouts.
     pub timeouts: Timeouts,
+    /// Caches.
+    pub cache: CacheConfig,
     /// Merge rules.
     pub merge: MergeConfig,
 }
@@ -375,7 +410,7 @@ impl<'a> Check<'a> {
     fn secs(&mut self, key: &str, given: Option<Spanned<u64>>, default: u64) -> Duration {
         let (v, at) = given.map_or((default, None), |s| (*s.get_ref(), Some(s.span().start)));
         if v == 0 {
-            self.error(&format!("timeouts.{key}"), at, "must be at least 1");
+            self.error(key, at, "must be at least 1");
         }
         Duration::from_secs(v.max(1))
     }
@@ -447,13 +482,36 @@ impl<'a> Check<'a> {
         let upstream_credentials = self.credentials(s, raw.upstream_auth);
 
         let timeouts = Timeouts {
-            header_read: self.secs("header_read_secs", raw.timeouts.header_read_secs, 30),
-            connect: self.secs("connect_secs", raw.timeouts.connect_secs, 5),
+            header_read: self.secs("timeouts.header_read_secs", raw.timeouts.header_read_secs, 30),
+            connect: self.secs("timeouts.connect_secs", raw.timeouts.connect_secs, 5),
             upstream_headers: self.secs(
-                "upstream_headers_secs",
+                "timeouts.upstream_headers_secs",
                 raw.timeouts.upstream_headers_secs,
                 300,
             ),
+        };
+
+        let staleness = match raw.cache.staleness_ms {
+            Some(v) if !(1..=60_000).contains(v.get_ref()) => {
+                self.error("cache.staleness_ms", Some(v.span().start), "must be 1 to 60000");
+                1000
+            }
+            Some(v) => v.into_inner(),
+            None => 1000,
+        };
+        let served_ttl = self.secs("cache.served_digest_ttl_secs", raw.cache.served_digest_ttl_secs, 600);
+        let mib = match raw.cache.manifests_mib {
+            Some(v) if !(1..=4096).contains(v.get_ref()) => {
+                self.error("cache.manifests_mib", Some(v.span().start), "must be 1 to 4096");
+                64
+            }
+            Some(v) => v.into_inner(),
+            None => 64,
+        };
+        let cache = CacheConfig {
+            staleness: Duration::from_millis(staleness),
+            served_digest_ttl: served_ttl,
+            max_bytes: mib * 1024 * 1024,
         };
 
         let mut aliases = AliasTable::default_table();
@@ -502,6 +560,7 @@ impl<'a> Check<'a> {
                 admin_token,
                 log_format,
                 timeouts,
+                cache,
                 merge: MergeConfig {
                     rules: TagRules::new(aliases, patterns),
                     index_format: raw.merge.index_media_type.unwrap_or(IndexFormat::Auto),

@@ -205,7 +205,12 @@ pub struct Merger {
 
 impl Merger {
     /// Creates the engine.
-    pub fn new(upstream: Upstream, config: MergeConfig, metrics: Arc<Metrics>) -> Merger {
+    pub fn new(
+        upstream: Upstream,
+        config: MergeConfig,
+        cache_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Merger {
         Merger {
             upstream,
             config,
@@ -214,7 +219,7 @@ impl Merger {
             retrying: DashMap::new(),
             manifests: Cache::builder()
                 .weigher(|_k, v: &Arc<Facts>| (v.size as u32).max(64))
-                .max_capacity(64 * 1024 * 1024)
+                .max_capacity(cache_bytes)
                 .build(),
             configs: Cache::builder().max_capacity(100_000).build(),
             mismatches_seen: moka::sync::Cache::new(100_000),

@@ -17,13 +17,14 @@
 //!
 //! # Staleness bound across replicas
 //!
-//! An aggregate is cached for at most one second *counted from the moment
-//! its load began listing tags* (a moka per-entry expiry), so no replica
-//! serves an index that misses an arch tag pushed more than a second
-//! earlier — through any replica or straight to the registry. A push
-//! through this replica drops its target's entry at once. Cost: at most one
-//! tags list plus one HEAD per arch tag, per target per second per replica;
-//! per-digest facts come from the merge's caches.
+//! An aggregate is cached for at most `cache.staleness_ms` (one second by
+//! default) *counted from the moment its load began listing tags* (a moka
+//! per-entry expiry), so no replica serves an index that misses an arch tag
+//! pushed longer ago than that — through any replica or straight to the
+//! registry. A push through this replica drops its target's entry at once.
+//! Cost: at most one tags list plus one HEAD per arch tag, per target per
+//! staleness period per replica; per-digest facts come from the merge's
+//! caches.
 //!
 //! # Content negotiation
 //!
@@ -45,6 +46,7 @@ use moka::future::Cache;
 use moka::Expiry;
 
 use crate::body::{self, Body};
+use crate::config::CacheConfig;
 use crate::error::{error_response, ProxyError};
 use crate::forward::{self, proxy_error, ClientSide};
 use crate::merge::{Desired, MergeError, Merger};
@@ -54,11 +56,6 @@ use crate::route::Reference;
 use crate::server::App;
 use crate::upstream::{Auth, Upstream};
 
-/// How stale a served index may be, across replicas.
-pub const STALENESS: Duration = Duration::from_secs(1);
-/// How long a served index stays reachable by digest after it was last
-/// asked for (a pull resolves the tag, then fetches by digest).
-const BY_DIGEST_IDLE: Duration = Duration::from_secs(600);
 
 /// A synthesized index, ready to serve.
 #[derive(Debug)]
@@ -81,8 +78,10 @@ struct Aggregate {
     loaded_from: Instant,
 }
 
-/// Expires an aggregate [`STALENESS`] after its load began listing tags.
-struct FromLoadStart;
+/// Expires an aggregate `staleness` after its load began listing tags.
+struct FromLoadStart {
+    staleness: Duration,
+}
 
 impl Expiry<(String, String), Aggregate> for FromLoadStart {
     fn expire_after_create(
@@ -91,7 +90,7 @@ impl Expiry<(String, String), Aggregate> for FromLoadStart {
         value: &Aggregate,
         created_at: Instant,
     ) -> Option<Duration> {
-        let deadline = value.loaded_from + STALENESS;
+        let deadline = value.loaded_from + self.staleness;
         Some(deadline.saturating_duration_since(created_at))
     }
 }
@@ -108,18 +107,20 @@ pub struct Aggregates {
 
 impl Aggregates {
     /// Creates empty caches over the merge engine.
-    pub fn new(merger: Arc<Merger>, metrics: Arc<Metrics>) -> Aggregates {
+    pub fn new(merger: Arc<Merger>, metrics: Arc<Metrics>, config: &CacheConfig) -> Aggregates {
         Aggregates {
             merger,
             metrics,
             by_target: Cache::builder()
                 .max_capacity(100_000)
-                .expire_after(FromLoadStart)
+                .expire_after(FromLoadStart {
+                    staleness: config.staleness,
+                })
                 .build(),
             by_digest: Cache::builder()
                 .weigher(|_k, v: &Arc<Served>| v.bytes.len() as u32)
-                .max_capacity(64 * 1024 * 1024)
-                .time_to_idle(BY_DIGEST_IDLE)
+                .max_capacity(config.max_bytes)
+                .time_to_idle(config.served_digest_ttl)
                 .build(),
         }
     }
@@ -352,7 +353,10 @@ mod tests {
             served: None,
             loaded_from: started,
         };
-        let ttl = FromLoadStart
+        let expiry = FromLoadStart {
+            staleness: Duration::from_secs(1),
+        };
+        let ttl = expiry
             .expire_after_create(
                 &(String::new(), String::new()),
                 &a,
@@ -360,7 +364,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ttl, Duration::from_millis(700));
-        let late = FromLoadStart
+        let late = expiry
             .expire_after_create(
                 &(String::new(), String::new()),
                 &a,

@@ -58,9 +58,10 @@ impl App {
         let merger = Arc::new(Merger::new(
             upstream.clone(),
             config.merge.clone(),
+            config.cache.max_bytes,
             metrics.clone(),
         ));
-        let aggregates = Aggregates::new(merger.clone(), metrics.clone());
+        let aggregates = Aggregates::new(merger.clone(), metrics.clone(), &config.cache);
         Ok(Arc::new(App {
             config,
             upstream,
