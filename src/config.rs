@@ -482,7 +482,11 @@ impl<'a> Check<'a> {
         let upstream_credentials = self.credentials(s, raw.upstream_auth);
 
         let timeouts = Timeouts {
-            header_read: self.secs("timeouts.header_read_secs", raw.timeouts.header_read_secs, 30),
+            header_read: self.secs(
+                "timeouts.header_read_secs",
+                raw.timeouts.header_read_secs,
+                30,
+            ),
             connect: self.secs("timeouts.connect_secs", raw.timeouts.connect_secs, 5),
             upstream_headers: self.secs(
                 "timeouts.upstream_headers_secs",
@@ -493,16 +497,28 @@ impl<'a> Check<'a> {
 
         let staleness = match raw.cache.staleness_ms {
             Some(v) if !(1..=60_000).contains(v.get_ref()) => {
-                self.error("cache.staleness_ms", Some(v.span().start), "must be 1 to 60000");
+                self.error(
+                    "cache.staleness_ms",
+                    Some(v.span().start),
+                    "must be 1 to 60000",
+                );
                 1000
             }
             Some(v) => v.into_inner(),
             None => 1000,
         };
-        let served_ttl = self.secs("cache.served_digest_ttl_secs", raw.cache.served_digest_ttl_secs, 600);
+        let served_ttl = self.secs(
+            "cache.served_digest_ttl_secs",
+            raw.cache.served_digest_ttl_secs,
+            600,
+        );
         let mib = match raw.cache.manifests_mib {
             Some(v) if !(1..=4096).contains(v.get_ref()) => {
-                self.error("cache.manifests_mib", Some(v.span().start), "must be 1 to 4096");
+                self.error(
+                    "cache.manifests_mib",
+                    Some(v.span().start),
+                    "must be 1 to 4096",
+                );
                 64
             }
             Some(v) => v.into_inner(),

@@ -54,7 +54,7 @@ pub async fn put_manifest(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let auth = Auth(parts.headers.get(header::AUTHORIZATION).cloned());
+    let auth = Auth::client(parts.headers.get(header::AUTHORIZATION).cloned());
 
     let mut up = forward::upstream_request(&app.upstream, parts, body::full(bytes.clone()), client);
     up.headers_mut()
@@ -109,7 +109,7 @@ pub async fn delete_manifest(
     client: ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
     let (repo, client) = (repo.as_str(), &client);
-    let auth = Auth(req.headers().get(header::AUTHORIZATION).cloned());
+    let auth = Auth::client(req.headers().get(header::AUTHORIZATION).cloned());
     // Which targets does this manifest feed? Ask before it is gone: after a
     // delete by digest the registry no longer says which tags pointed at it.
     let targets = match &reference {

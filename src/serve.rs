@@ -56,7 +56,6 @@ use crate::route::Reference;
 use crate::server::App;
 use crate::upstream::{Auth, Upstream};
 
-
 /// A synthesized index, ready to serve.
 #[derive(Debug)]
 pub struct Served {
@@ -215,7 +214,7 @@ pub async fn get_manifest(
     reference: Reference,
     client: ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
-    let auth = Auth(req.headers().get(header::AUTHORIZATION).cloned());
+    let auth = Auth::client(req.headers().get(header::AUTHORIZATION).cloned());
     match &reference {
         Reference::Tag(tag) if app.config.merge.rules.match_tag(tag).is_none() => {
             // A registry that refuses the listing (e.g. 401 for an anonymous

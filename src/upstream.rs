@@ -19,9 +19,11 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::body::{self, Body};
-use crate::config::{Config, Upstream as UpstreamConfig};
+use crate::config::{Config, Credentials, Upstream as UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::MAX_MANIFEST_BYTES;
+
+mod token;
 
 /// Every manifest media type archmerge understands, sent as `Accept` on its
 /// own manifest reads so the registry never converts what it returns.
@@ -81,26 +83,47 @@ pub struct FetchedManifest {
     pub digest: String,
 }
 
-/// A client's credentials, passed on unchanged to the registry.
+/// The credentials of one registry call.
 #[derive(Clone, Debug, Default)]
-pub struct Auth(pub Option<HeaderValue>);
+pub struct Auth {
+    /// The `Authorization` value sent (a client's is passed on unchanged).
+    header: Option<HeaderValue>,
+    /// archmerge's own credentials, to answer a Bearer challenge with.
+    own: Option<Arc<Credentials>>,
+}
 
 impl Auth {
-    /// archmerge's own identity: HTTP Basic from the configured credentials,
-    /// or anonymous.
-    pub fn own(credentials: Option<&crate::config::Credentials>) -> Auth {
+    /// A client's credentials, exactly as the client sent them.
+    pub fn client(header: Option<HeaderValue>) -> Auth {
+        let header = header.map(|mut h| {
+            h.set_sensitive(true);
+            h
+        });
+        Auth { header, own: None }
+    }
+
+    /// archmerge's own identity: HTTP Basic from the configured credentials
+    /// (exchanged for a token when the registry challenges with Bearer), or
+    /// anonymous.
+    pub fn own(credentials: Option<&Credentials>) -> Auth {
         use base64::Engine as _;
         let Some(c) = credentials else {
-            return Auth(None);
+            return Auth::default();
         };
         let token = base64::engine::general_purpose::STANDARD
             .encode(format!("{}:{}", c.username, c.password));
-        let mut value = HeaderValue::from_str(&format!("Basic {token}")).ok();
-        if let Some(v) = value.as_mut() {
-            v.set_sensitive(true);
+        Auth {
+            header: sensitive(&format!("Basic {token}")),
+            own: Some(Arc::new(c.clone())),
         }
-        Auth(value)
     }
+}
+
+/// A header value marked sensitive (hyper keeps it out of debug output).
+fn sensitive(value: &str) -> Option<HeaderValue> {
+    let mut v = HeaderValue::from_str(value).ok()?;
+    v.set_sensitive(true);
+    Some(v)
 }
 
 type HttpsClient = Client<HttpsConnector<HttpConnector>, Body>;
@@ -115,6 +138,8 @@ pub struct Upstream {
     headers_timeout: Duration,
     /// Where upstream latency is observed.
     metrics: Arc<Metrics>,
+    /// Bearer tokens for archmerge's own identity, by challenge.
+    tokens: token::Tokens,
 }
 
 impl Upstream {
@@ -146,6 +171,7 @@ impl Upstream {
             config: config.upstream.clone(),
             headers_timeout: config.timeouts.upstream_headers,
             metrics,
+            tokens: token::Tokens::default(),
         })
     }
 
@@ -182,26 +208,50 @@ impl Upstream {
         accept: Option<&'static str>,
         content: Option<(&str, Bytes)>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut req = Request::builder().method(method).uri(self.uri(path));
-        if let Some(a) = &auth.0 {
-            req = req.header(header::AUTHORIZATION, a.clone());
-        }
-        if let Some(accept) = accept {
-            req = req.header(header::ACCEPT, accept);
-        }
-        let body = match content {
-            Some((media_type, bytes)) => {
-                req = req
-                    .header(header::CONTENT_TYPE, media_type)
-                    .header(header::CONTENT_LENGTH, bytes.len());
-                body::full(bytes)
+        let build = |authorization: Option<&HeaderValue>| {
+            let mut req = Request::builder()
+                .method(method.clone())
+                .uri(self.uri(path));
+            if let Some(a) = authorization {
+                req = req.header(header::AUTHORIZATION, a.clone());
             }
-            None => body::empty(),
+            if let Some(accept) = accept {
+                req = req.header(header::ACCEPT, accept);
+            }
+            let body = match &content {
+                Some((media_type, bytes)) => {
+                    req = req
+                        .header(header::CONTENT_TYPE, *media_type)
+                        .header(header::CONTENT_LENGTH, bytes.len());
+                    body::full(bytes.clone())
+                }
+                None => body::empty(),
+            };
+            req.body(body)
+                .map_err(|e| UpstreamError::Unreachable(format!("building request: {e}")))
         };
-        let req = req
-            .body(body)
-            .map_err(|e| UpstreamError::Unreachable(format!("building request: {e}")))?;
-        self.send(req).await
+        let resp = self.send(build(auth.header.as_ref())?).await?;
+        // archmerge's own calls answer a token registry's challenge; a
+        // client's credentials are only ever passed on.
+        let Some(own) = &auth.own else {
+            return Ok(resp);
+        };
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(token::Challenge::parse)
+        else {
+            return Ok(resp);
+        };
+        let bearer = self
+            .tokens
+            .get(self, &challenge, auth.header.as_ref(), own)
+            .await?;
+        self.send(build(Some(&bearer))?).await
     }
 
     /// Whether the registry answers its API root (200, or 401 when it
