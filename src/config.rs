@@ -66,6 +66,9 @@ pub struct Settings {
     /// Log format: `text` or `json`.
     #[arg(long, env = "ARCHMERGE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// Most client connections served at once; more get 503.
+    #[arg(long, env = "ARCHMERGE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
 }
 
 // === raw file ===
@@ -87,6 +90,7 @@ struct RawConfig {
     tls_key: Option<Spanned<PathBuf>>,
     admin_token: Option<S>,
     log_format: Option<S>,
+    max_connections: Option<Spanned<usize>>,
     #[serde(default)]
     upstream_auth: RawUpstreamAuth,
     #[serde(default)]
@@ -233,6 +237,8 @@ pub struct Config {
     pub admin_token: Option<String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Most client connections served at once.
+    pub max_connections: usize,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Caches.
@@ -495,6 +501,14 @@ impl<'a> Check<'a> {
             ),
         };
 
+        let max_connections = match self.pick(&s.max_connections, raw.max_connections) {
+            Some(g) if g.value == 0 => {
+                self.error("max_connections", g.at, "must be at least 1");
+                1
+            }
+            Some(g) => g.value,
+            None => 4096,
+        };
         let staleness = match raw.cache.staleness_ms {
             Some(v) if !(1..=60_000).contains(v.get_ref()) => {
                 self.error(
@@ -575,6 +589,7 @@ impl<'a> Check<'a> {
                 tls,
                 admin_token,
                 log_format,
+                max_connections,
                 timeouts,
                 cache,
                 merge: MergeConfig {

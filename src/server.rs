@@ -96,6 +96,7 @@ pub async fn run(
         None => None,
     };
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(tokio::sync::Semaphore::new(app.config.max_connections));
     tokio::pin!(shutdown);
     tracing::info!(
         addr = %listener.local_addr()?,
@@ -118,6 +119,11 @@ pub async fn run(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        // Past the connection limit a client gets a clear 503, not a hang.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse(stream, peer));
+            continue;
+        };
         let tls = acceptor.is_some();
         let app2 = app.clone();
         let service = service_fn(move |req| {
@@ -132,6 +138,7 @@ pub async fn run(
                     if let Err(e) = conn.await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
             Some(acceptor) => {
@@ -156,6 +163,7 @@ pub async fn run(
                     if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
+                    drop(permit);
                 });
             }
         }
@@ -168,6 +176,27 @@ pub async fn run(
         tracing::warn!("drain timeout passed; closing remaining connections");
     }
     Ok(())
+}
+
+/// Answers a connection over the limit with a 503 and an OCI error body,
+/// then closes it (bounded in time: a client that does not read is dropped).
+async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    tracing::warn!(%peer, "connection limit reached; refusing a connection");
+    let body = crate::oci::ErrorBody::render(
+        crate::oci::ErrorCode::TooManyRequests,
+        "archmerge is at its connection limit; retry later",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    })
+    .await;
 }
 
 /// One request: route, then forward or intercept, then log and count.
