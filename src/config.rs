@@ -18,7 +18,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::index::{IndexFormat, PlatformSource};
-use crate::rules::{AliasTable, Pattern, TagRules};
+use crate::ruleset::RuleSet;
+
+mod rules;
 
 /// The settings that flags and environment variables can give.
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -101,6 +103,8 @@ struct RawConfig {
     merge: RawMerge,
     #[serde(default)]
     aliases: BTreeMap<String, S>,
+    #[serde(default)]
+    rules: Vec<rules::RawRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -204,12 +208,8 @@ impl Default for CacheConfig {
 /// How arch tags are merged.
 #[derive(Clone, Debug)]
 pub struct MergeConfig {
-    /// Tag patterns and the alias table.
-    pub rules: TagRules,
-    /// Docker list, OCI index, or chosen by the children.
-    pub index_format: IndexFormat,
-    /// Whether the tag alias or the image config decides the platform.
-    pub platform_source: PlatformSource,
+    /// The rule of each repository.
+    pub rules: RuleSet,
 }
 
 /// The validated configuration the rest of the crate reads.
@@ -544,36 +544,7 @@ impl<'a> Check<'a> {
             max_bytes: mib * 1024 * 1024,
         };
 
-        let mut aliases = AliasTable::default_table();
-        for (alias, platform) in &raw.aliases {
-            if let Err(e) = aliases.insert(alias, platform.get_ref()) {
-                self.error(&format!("aliases.{alias}"), Some(platform.span().start), e);
-            }
-        }
-        let mut patterns = Vec::new();
-        match raw.merge.patterns {
-            None => {
-                for p in ["{arch}_{tag}", "{arch}"] {
-                    patterns.push(Pattern::parse(p).expect("default patterns parse"));
-                }
-            }
-            Some(given) => {
-                if given.is_empty() {
-                    self.errors
-                        .push("merge.patterns: at least one pattern is needed".into());
-                }
-                for p in given {
-                    match Pattern::parse(p.get_ref()) {
-                        Ok(pattern) => patterns.push(pattern),
-                        Err(e) => self.error(
-                            "merge.patterns",
-                            Some(p.span().start),
-                            format!("{:?}: {e}", p.get_ref()),
-                        ),
-                    }
-                }
-            }
-        }
+        let rules = self.rules(raw.aliases, raw.merge, raw.rules, mode);
 
         match upstream {
             Some(upstream) if self.errors.is_empty() => Ok(Config {
@@ -592,11 +563,7 @@ impl<'a> Check<'a> {
                 max_connections,
                 timeouts,
                 cache,
-                merge: MergeConfig {
-                    rules: TagRules::new(aliases, patterns),
-                    index_format: raw.merge.index_media_type.unwrap_or(IndexFormat::Auto),
-                    platform_source: raw.merge.platform_source.unwrap_or(PlatformSource::Alias),
-                },
+                merge: MergeConfig { rules },
             }),
             _ => Err(ConfigError(self.errors)),
         }
@@ -670,101 +637,4 @@ fn parse_origin(value: &str) -> Result<Upstream, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn settings() -> Settings {
-        Settings::default()
-    }
-
-    #[test]
-    fn flags_alone_are_enough() {
-        let s = Settings {
-            listen: Some("127.0.0.1:6000".into()),
-            upstream: Some("http://127.0.0.1:5000".into()),
-            ..settings()
-        };
-        let c = Config::from_toml(&s, "").unwrap();
-        assert_eq!(c.listen.port(), 6000);
-        assert_eq!(c.upstream.origin, "http://127.0.0.1:5000");
-        assert_eq!(c.mode, Mode::Write);
-        assert_eq!(c.timeouts.header_read, Duration::from_secs(30));
-    }
-
-    #[test]
-    fn flags_win_over_the_file() {
-        let s = Settings {
-            upstream: Some("http://flag:1".into()),
-            ..settings()
-        };
-        let c = Config::from_toml(
-            &s,
-            "upstream = \"http://file:2\"\nlisten = \"0.0.0.0:7000\"\nmode = \"serve\"\n",
-        )
-        .unwrap();
-        assert_eq!(c.upstream.origin, "http://flag:1");
-        assert_eq!(c.listen.port(), 7000);
-        assert_eq!(c.mode, Mode::Serve);
-    }
-
-    #[test]
-    fn every_error_is_reported_with_its_key() {
-        let err = Config::from_toml(
-            &settings(),
-            "listen = \"nope\"\nmode = \"both\"\n[timeouts]\nconnect_secs = 0\n[merge]\npatterns = [\"{tag}\"]\n",
-        )
-        .unwrap_err();
-        let text = err.to_string();
-        for key in [
-            "listen:",
-            "upstream:",
-            "mode:",
-            "timeouts.connect_secs",
-            "merge.patterns",
-        ] {
-            assert!(text.contains(key), "{key} missing in:\n{text}");
-        }
-    }
-
-    #[test]
-    fn unknown_keys_are_refused_with_their_position() {
-        let err = Config::from_toml(&settings(), "upstream = \"http://r:5000\"\nlisen = \"x\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("lisen"), "{err}");
-        assert!(err.contains("line 2"), "{err}");
-    }
-
-    #[test]
-    fn upstream_must_be_an_origin() {
-        for bad in ["ftp://r", "http://r:5000/v2", "r:5000"] {
-            let s = Settings {
-                upstream: Some(bad.into()),
-                ..settings()
-            };
-            assert!(Config::from_toml(&s, "").is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn merge_settings_and_aliases() {
-        let c = Config::from_toml(
-            &settings(),
-            r#"
-upstream = "https://registry.example:443"
-[merge]
-patterns = ["{tag}-{arch}"]
-index_media_type = "oci"
-platform_source = "config"
-[aliases]
-"windows-amd64" = "windows/amd64"
-"#,
-        )
-        .unwrap();
-        assert_eq!(c.merge.index_format, IndexFormat::Oci);
-        assert_eq!(c.merge.platform_source, PlatformSource::Config);
-        let m = c.merge.rules.match_tag("v1-windows-amd64").unwrap();
-        assert_eq!(m.target, "v1");
-        assert_eq!(m.platform.os, "windows");
-    }
-}
+mod tests;

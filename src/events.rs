@@ -17,7 +17,7 @@ use std::time::Instant;
 use serde::Deserialize;
 
 use crate::config::Mode;
-use crate::rules::TagRules;
+use crate::ruleset::RuleSet;
 use crate::server::App;
 use crate::upstream::Auth;
 
@@ -57,7 +57,7 @@ pub struct Work {
 }
 
 /// Reads an envelope; events that are not about manifests are ignored.
-pub fn parse(body: &[u8], rules: &TagRules) -> Result<Work, serde_json::Error> {
+pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
     let envelope: Envelope = serde_json::from_slice(body)?;
     let mut work = Work::default();
     for e in envelope.events {
@@ -66,17 +66,18 @@ pub fn parse(body: &[u8], rules: &TagRules) -> Result<Work, serde_json::Error> {
         if t.repository.is_empty() || !crate::oci::is_valid_name(&t.repository) {
             continue;
         }
+        let rule = rules.for_repo(&t.repository);
+        let target = |tag: &str| {
+            rule.match_tag(tag)
+                .map(|a| (t.repository.clone(), a.target))
+                .or_else(|| {
+                    rule.match_repository(&t.repository, tag)
+                        .map(|(repo, a)| (repo, a.target))
+                })
+        };
         match (e.action.as_str(), &t.tag) {
-            ("push", Some(tag)) if manifest => {
-                if let Some(arch) = rules.match_tag(tag) {
-                    work.targets.insert((t.repository, arch.target));
-                }
-            }
-            ("delete", Some(tag)) => {
-                if let Some(arch) = rules.match_tag(tag) {
-                    work.targets.insert((t.repository, arch.target));
-                }
-            }
+            ("push", Some(tag)) if manifest => work.targets.extend(target(tag)),
+            ("delete", Some(tag)) => work.targets.extend(target(tag)),
             ("delete", None) => {
                 work.repos.insert(t.repository);
             }
@@ -96,7 +97,10 @@ pub fn apply(app: &Arc<App>, work: Work) {
         let auth = Auth::own(app.config.upstream_credentials.as_ref());
         for (repo, target) in &work.targets {
             match app.config.mode {
-                Mode::Write => app.merger.update(repo, target, &auth, Instant::now()).await,
+                Mode::Write => {
+                    // Failures are logged, counted and retried inside.
+                    let _ = app.merger.update(repo, target, &auth, Instant::now()).await;
+                }
                 Mode::Serve => app.aggregates.invalidate(repo, target).await,
             }
         }
@@ -121,6 +125,12 @@ pub fn apply(app: &Arc<App>, work: Work) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::TagRules;
+    use crate::ruleset::Rule;
+
+    fn rules() -> RuleSet {
+        RuleSet::single(Rule::from_tags(TagRules::default()))
+    }
 
     #[test]
     fn picks_manifest_pushes_of_arch_tags_and_deletes() {
@@ -132,7 +142,7 @@ mod tests {
           {"action":"delete","target":{"repository":"other","digest":"sha256:3"}},
           {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"BAD","tag":"x86_64"}}
         ]}"#;
-        let work = parse(body, &TagRules::default()).unwrap();
+        let work = parse(body, &rules()).unwrap();
         let targets: Vec<_> = work.targets.into_iter().collect();
         assert_eq!(targets, vec![("app".to_owned(), "v1".to_owned())]);
         assert_eq!(
@@ -143,7 +153,7 @@ mod tests {
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(parse(b"not json", &TagRules::default()).is_err());
-        assert_eq!(parse(b"{}", &TagRules::default()).unwrap(), Work::default());
+        assert!(parse(b"not json", &rules()).is_err());
+        assert_eq!(parse(b"{}", &rules()).unwrap(), Work::default());
     }
 }

@@ -25,6 +25,9 @@ pub struct Report {
     pub digest: Option<String>,
     /// Arch tags of this target that the registry holds.
     pub arch_tags: Vec<String>,
+    /// Required platforms (`required` of the repository's rule) not pushed
+    /// yet: until they are, nothing is published.
+    pub missing_required: Vec<String>,
     /// The digest the registry's arch tags call for, when it differs from
     /// what is stored (`archmerge reconcile` would write it).
     pub expected_digest: Option<String>,
@@ -78,6 +81,7 @@ pub async fn report(
         media_type: None,
         digest: None,
         arch_tags: snapshot.keys().cloned().collect(),
+        missing_required: plan.missing.clone(),
         expected_digest: None,
         entries: Vec::new(),
     };
@@ -135,6 +139,13 @@ impl std::fmt::Display for Report {
         writeln!(f, "{}  {}", self.reference, self.state)?;
         if let (Some(mt), Some(d)) = (&self.media_type, &self.digest) {
             writeln!(f, "  {mt}\n  {d}")?;
+        }
+        if !self.missing_required.is_empty() {
+            writeln!(
+                f,
+                "  WAITING for required arches: {}",
+                self.missing_required.join(", ")
+            )?;
         }
         if let Some(e) = &self.expected_digest {
             writeln!(

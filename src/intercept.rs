@@ -69,7 +69,14 @@ pub async fn put_manifest(
     let Reference::Tag(tag) = reference else {
         return Ok(forward::downstream_response(resp, &app.upstream, client));
     };
-    let Some(arch) = app.config.merge.rules.match_tag(&tag) else {
+    // An arch tag of this repository, or, under a repository pattern, a tag
+    // of a per-arch repository whose index lives in another repository.
+    let rule = app.merger.rule(repo);
+    let Some((target_repo, arch)) = rule
+        .match_tag(&tag)
+        .map(|a| (repo.to_owned(), a))
+        .or_else(|| rule.match_repository(repo, &tag))
+    else {
         return Ok(forward::downstream_response(resp, &app.upstream, client));
     };
     // Take the registry's (small) answer off the connection before the
@@ -86,15 +93,24 @@ pub async fn put_manifest(
         bytes,
         media_type,
     };
-    match app.config.mode {
+    let warning = match app.config.mode {
         Mode::Write => {
             app.merger
-                .after_push(repo, &arch, pushed, &auth, accepted_at)
+                .after_push(&target_repo, &arch, pushed, &auth, accepted_at)
                 .await
         }
         Mode::Serve => {
             app.merger.remember(pushed).await;
-            app.aggregates.invalidate(repo, &arch.target).await;
+            app.aggregates.invalidate(&target_repo, &arch.target).await;
+            None
+        }
+    };
+    // The push stands; a merge that failed is said in a `Warning` (RFC 9111
+    // §5.5, code 199 "miscellaneous"), and retried in the background.
+    if let Some(w) = warning {
+        let text = format!("199 archmerge {:?}", w.replace('"', "'"));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            parts.headers.append(header::WARNING, v);
         }
     }
     Ok(Response::from_parts(parts, body::full(answer)))
@@ -115,9 +131,8 @@ pub async fn delete_manifest(
     let targets = match &reference {
         Reference::Digest(digest) => app.merger.targets_of_digest(repo, digest, &auth).await,
         Reference::Tag(tag) => app
-            .config
-            .merge
-            .rules
+            .merger
+            .rule(repo)
             .match_tag(tag)
             .map(|a| vec![a.target])
             .unwrap_or_default(),

@@ -56,7 +56,10 @@ use crate::index::{
 use crate::metrics::{CacheLabels, Metrics};
 use crate::platform::Platform;
 use crate::rules::ArchTag;
+use crate::ruleset::Rule;
 use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
+
+mod copy;
 
 /// Rebuild rounds before a merge gives up for now (and retries later).
 const MAX_ROUNDS: usize = 8;
@@ -132,7 +135,19 @@ impl Outcome {
 }
 
 /// Which arch tags a target has, and the digest each points at.
-pub type Snapshot = BTreeMap<String, (ArchTag, String)>;
+pub type Snapshot = BTreeMap<String, Child>;
+
+/// One arch source of a target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Child {
+    /// The repository it lives in (the target's own, or a per-arch
+    /// repository under a repository pattern).
+    pub repo: String,
+    /// The arch tag (`repo:tag` under a repository pattern).
+    pub arch: ArchTag,
+    /// The manifest digest it points at.
+    pub digest: String,
+}
 
 /// What the registry's state calls for at a target.
 #[derive(Debug)]
@@ -166,6 +181,11 @@ pub struct Plan {
     pub current: Option<FetchedManifest>,
     /// What it should hold.
     pub desired: Desired,
+    /// Children that live in another repository (repository patterns), as
+    /// (repository, digest): copied into the target's before it lists them.
+    pub copies: Vec<(String, String)>,
+    /// Required platforms not present yet.
+    pub missing: Vec<String>,
 }
 
 /// A manifest's parsed form, cached by digest.
@@ -226,9 +246,9 @@ impl Merger {
         }
     }
 
-    /// The tag rules this engine merges by.
-    pub fn rules(&self) -> &crate::rules::TagRules {
-        &self.config.rules
+    /// The rule that applies to a repository.
+    pub fn rule(&self, repo: &str) -> &Rule {
+        self.config.rules.for_repo(repo)
     }
 
     /// After the registry accepted a push of an arch tag: bring its target
@@ -241,9 +261,17 @@ impl Merger {
         pushed: FetchedManifest,
         auth: &Auth,
         accepted_at: Instant,
-    ) {
+    ) -> Option<String> {
         self.remember(pushed).await;
-        self.update(repo, &arch.target, auth, accepted_at).await;
+        self.update(repo, &arch.target, auth, accepted_at)
+            .await
+            .err()
+            .map(|e| {
+                format!(
+                    "the index {repo}:{} is not up to date yet: {e}",
+                    arch.target
+                )
+            })
     }
 
     /// Caches the facts of a manifest a client just pushed, so the rebuild
@@ -267,7 +295,8 @@ impl Merger {
         auth: &Auth,
         since: Instant,
     ) {
-        self.update(repo, target, auth, since).await;
+        // Failures are logged, counted and retried inside.
+        let _ = self.update(repo, target, auth, since).await;
     }
 
     /// Every target that has arch tags in `repo`.
@@ -275,7 +304,7 @@ impl Merger {
         let tags = self.upstream.list_tags(repo, auth).await?;
         let targets: BTreeSet<String> = tags
             .iter()
-            .filter_map(|t| self.config.rules.match_tag(t))
+            .filter_map(|t| self.rule(repo).match_tag(t))
             .map(|a| a.target)
             .collect();
         Ok(targets.into_iter().collect())
@@ -288,7 +317,7 @@ impl Merger {
         };
         let arch: Vec<ArchTag> = tags
             .iter()
-            .filter_map(|t| self.config.rules.match_tag(t))
+            .filter_map(|t| self.rule(repo).match_tag(t))
             .collect();
         let heads = arch.iter().map(|a| async move {
             let d = self.upstream.head_manifest(repo, &a.tag, auth).await;
@@ -303,8 +332,15 @@ impl Merger {
         targets.into_iter().collect()
     }
 
-    /// Rebuilds one target; on failure, logs, counts and schedules retries.
-    pub async fn update(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth, since: Instant) {
+    /// Rebuilds one target; on failure, logs, counts and schedules retries
+    /// (and returns the error, for the client's `Warning`).
+    pub async fn update(
+        self: &Arc<Self>,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        since: Instant,
+    ) -> Result<Outcome, MergeError> {
         let started = Instant::now();
         match self.converge(repo, target, auth, since).await {
             Ok(outcome) => {
@@ -319,11 +355,13 @@ impl Merger {
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     "merge"
                 );
+                Ok(outcome)
             }
             Err(e) => {
                 self.metrics.merge("failed");
                 tracing::warn!(repo, reference = target, error = %e, "merge failed; retrying in the background");
                 self.spawn_retry(repo, target, auth);
+                Err(e)
             }
         }
     }
@@ -401,14 +439,39 @@ impl Merger {
         target: &str,
         auth: &Auth,
     ) -> Result<Snapshot, MergeError> {
+        let rule = self.rule(repo);
         let tags = self.upstream.list_tags(repo, auth).await?;
-        let arch = self
-            .config
-            .rules
-            .arch_tags_for_target(tags.iter().map(String::as_str), target);
-        let heads = arch.into_iter().map(|a| async move {
-            let d = self.upstream.head_manifest(repo, &a.tag, auth).await?;
-            Ok::<_, UpstreamError>(d.map(|d| (a.tag.clone(), (a, d))))
+        // Arch tags in the repository itself, and, under repository
+        // patterns, the target tag in each per-arch repository.
+        let mut sources: Vec<(String, String, ArchTag)> = rule
+            .arch_tags_for_target(tags.iter().map(String::as_str), target)
+            .into_iter()
+            .map(|a| (repo.to_owned(), a.tag.clone(), a))
+            .collect();
+        for (source, alias, platform) in rule.source_repositories(repo) {
+            let arch = ArchTag {
+                tag: format!("{source}:{target}"),
+                alias,
+                platform,
+                target: target.to_owned(),
+            };
+            sources.push((source, target.to_owned(), arch));
+        }
+        let heads = sources.into_iter().map(|(source, tag, arch)| async move {
+            let d = match self.upstream.head_manifest(&source, &tag, auth).await {
+                // A per-arch repository the client may not read is one it
+                // did not push to: it has nothing to contribute.
+                Err(e) if e.is_auth() && source != repo => None,
+                other => other?,
+            };
+            Ok::<_, UpstreamError>(d.map(|digest| {
+                let child = Child {
+                    repo: source,
+                    arch,
+                    digest,
+                };
+                (child.arch.tag.clone(), child)
+            }))
         });
         Ok(try_join_all(heads).await?.into_iter().flatten().collect())
     }
@@ -421,7 +484,12 @@ impl Merger {
         snapshot: &Snapshot,
         auth: &Auth,
     ) -> Result<Outcome, MergeError> {
-        let Plan { current, desired } = self.plan(repo, target, snapshot, auth).await?;
+        let Plan {
+            current,
+            desired,
+            copies,
+            ..
+        } = self.plan(repo, target, snapshot, auth).await?;
         let current_digest = current.as_ref().map(|c| c.digest.as_str());
         let (bytes, media_type, digest, outcome) = match desired {
             Desired::Nothing => return Ok(Outcome::Nothing),
@@ -451,14 +519,32 @@ impl Merger {
             }
             Desired::Restore(m) => (m.bytes, m.media_type, m.digest, Outcome::Restored),
         };
-        if current_digest == Some(digest.as_str()) {
-            self.metrics.writes_skipped.inc();
-            return Ok(Outcome::Unchanged);
+        // A registry refuses an index whose children live elsewhere.
+        for (from, child) in &copies {
+            copy::manifest(&self.upstream, from, repo, child, auth).await?;
         }
-        self.upstream
-            .put_manifest(repo, target, &media_type, bytes, auth)
-            .await?;
-        tracing::debug!(repo, reference = target, %digest, "index written");
+        let outcome = if current_digest == Some(digest.as_str()) {
+            self.metrics.writes_skipped.inc();
+            Outcome::Unchanged
+        } else {
+            self.upstream
+                .put_manifest(repo, target, &media_type, bytes.clone(), auth)
+                .await?;
+            tracing::debug!(repo, reference = target, %digest, "index written");
+            outcome
+        };
+        // The same index at the rule's extra targets (e.g. `latest`).
+        for extra in &self.rule(repo).extra_targets {
+            if extra == target || outcome == Outcome::Restored {
+                continue;
+            }
+            let there = self.upstream.head_manifest(repo, extra, auth).await?;
+            if there.as_deref() != Some(digest.as_str()) {
+                self.upstream
+                    .put_manifest(repo, extra, &media_type, bytes.clone(), auth)
+                    .await?;
+            }
+        }
         Ok(outcome)
     }
 
@@ -472,9 +558,11 @@ impl Merger {
         auth: &Auth,
     ) -> Result<Vec<String>, MergeError> {
         let tags = self.upstream.list_tags(repo, auth).await?;
-        let candidates = tags
-            .into_iter()
-            .filter(|t| t != target && !self.config.rules.is_arch_tag(t));
+        let candidates = tags.into_iter().filter(|t| {
+            t != target
+                && !self.rule(repo).is_arch_tag(t)
+                && !self.rule(repo).extra_targets.contains(t)
+        });
         let heads = candidates.map(|t| async move {
             let d = self.upstream.head_manifest(repo, &t, auth).await?;
             Ok::<_, UpstreamError>((t, d))
@@ -499,23 +587,32 @@ impl Merger {
         snapshot: &Snapshot,
         auth: &Auth,
     ) -> Result<Plan, MergeError> {
-        let children = snapshot.values().map(|(arch, digest)| async move {
-            match self.arch_entries(repo, arch, digest, auth).await {
+        let rule = self.rule(repo);
+        let children = snapshot.values().map(|c| async move {
+            let entries = match self.arch_entries(&c.repo, &c.arch, &c.digest, rule, auth).await {
                 // One unusable arch tag must not hold back the others: it is
                 // left out, loudly, until it is pushed again.
                 Err(MergeError::BadChild { tag, reason }) => {
                     self.metrics.merge("child_skipped");
                     tracing::warn!(repo, reference = %tag, error = %reason, "arch tag left out of the index");
-                    Ok(Vec::new())
+                    Vec::new()
                 }
-                other => other,
-            }
+                other => other?,
+            };
+            Ok::<_, MergeError>((c, entries))
         });
-        let managed: Vec<Entry> = try_join_all(children)
-            .await?
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut managed: Vec<Entry> = Vec::new();
+        let mut copies: Vec<(String, String)> = Vec::new();
+        for (child, entries) in try_join_all(children).await? {
+            if child.repo != repo {
+                copies.extend(
+                    entries
+                        .iter()
+                        .map(|e| (child.repo.clone(), e.descriptor.digest().to_string())),
+                );
+            }
+            managed.extend(entries);
+        }
 
         let current = self.upstream.get_manifest(repo, target, auth).await?;
         let Current {
@@ -544,22 +641,40 @@ impl Merger {
             })
             .collect();
 
-        let desired = if !managed.is_empty() {
+        // A required set that is not complete publishes nothing (and takes
+        // back what it published, as when the last arch tag goes).
+        let missing: Vec<String> = rule.missing(&provided).map(|k| k.to_string()).collect();
+        if !missing.is_empty() && !managed.is_empty() {
+            tracing::info!(repo, reference = target, missing = ?missing, "waiting for required arches");
+        }
+        let desired = if !managed.is_empty() && missing.is_empty() {
             let mut entries = managed;
             entries.extend(kept);
-            Desired::Index(self.build(&entries, base)?)
+            Desired::Index(self.build(rule, &entries, base)?)
         } else if ours {
             self.fall_back(repo, kept, base, auth).await?
         } else {
             Desired::Nothing
         };
-        Ok(Plan { current, desired })
+        Ok(Plan {
+            current,
+            desired,
+            copies,
+            missing,
+        })
     }
 
-    fn build(&self, entries: &[Entry], base: Option<String>) -> Result<BuiltIndex, MergeError> {
-        let annotations: BTreeMap<String, String> =
-            base.map(|b| (ANN_BASE.to_owned(), b)).into_iter().collect();
-        let built = build_index(entries, self.config.index_format, &annotations)
+    fn build(
+        &self,
+        rule: &Rule,
+        entries: &[Entry],
+        base: Option<String>,
+    ) -> Result<BuiltIndex, MergeError> {
+        let mut annotations = rule.annotations.clone();
+        if let Some(b) = base {
+            annotations.insert(ANN_BASE.to_owned(), b);
+        }
+        let built = build_index(entries, rule.index_format, &annotations)
             .map_err(|e| MergeError::Index(e.to_string()))?;
         for d in &built.dropped {
             tracing::warn!(
@@ -655,7 +770,7 @@ impl Merger {
             return Ok(Desired::Delete);
         }
         // The original is gone from the registry: list what was kept of it.
-        Ok(Desired::Index(self.build(&kept, None)?))
+        Ok(Desired::Index(self.build(self.rule(repo), &kept, None)?))
     }
 
     /// The entries one arch tag contributes: its image, or the flattened
@@ -665,6 +780,7 @@ impl Merger {
         repo: &str,
         arch: &ArchTag,
         digest: &str,
+        rule: &Rule,
         auth: &Auth,
     ) -> Result<Vec<Entry>, MergeError> {
         let facts = self.facts(repo, digest, auth).await?;
@@ -677,7 +793,7 @@ impl Merger {
                     .config_platform(repo, &info.config_digest, auth)
                     .await
                     .ok();
-                let platform = self.decide_platform(repo, arch, digest, config.as_deref());
+                let platform = self.decide_platform(repo, arch, digest, rule, config.as_deref());
                 Ok(vec![Entry {
                     descriptor: descriptor(&facts.media_type, digest, facts.size)?,
                     platform,
@@ -706,7 +822,7 @@ impl Merger {
                                         os_features: p.os_features,
                                     }
                                 });
-                                self.decide_platform(repo, arch, digest, details.as_ref())
+                                self.decide_platform(repo, arch, digest, rule, details.as_ref())
                             }
                             EntryKind::Attestation { .. } => d
                                 .platform()
@@ -731,10 +847,10 @@ impl Merger {
         repo: &str,
         arch: &ArchTag,
         digest: &str,
+        rule: &Rule,
         config: Option<&ConfigPlatform>,
     ) -> Platform {
-        let (platform, mismatch) =
-            entry_platform(&arch.platform, config, self.config.platform_source);
+        let (platform, mismatch) = entry_platform(&arch.platform, config, rule.platform_source);
         // Counted and logged once per (arch tag, digest) and process, not on
         // every rebuild of the target.
         let seen_key = (arch.tag.clone(), digest.to_owned());

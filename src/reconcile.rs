@@ -84,9 +84,9 @@ pub async fn run(
             }
         };
         let of = targets.len();
-        for (i, target) in targets.iter().enumerate() {
+        for (i, (target_repo, target)) in targets.iter().enumerate() {
             let result = merger
-                .converge(repo, target, auth, Instant::now())
+                .converge(target_repo, target, auth, Instant::now())
                 .await
                 .map_err(|e| e.to_string());
             match &result {
@@ -96,14 +96,14 @@ pub async fn run(
                 }
                 Ok(_) => summary.updated += 1,
                 Err(e) => summary.failed.push(Failure {
-                    target: format!("{repo}:{target}"),
+                    target: format!("{target_repo}:{target}"),
                     error: e.clone(),
                 }),
             }
             progress(&Progress {
                 done: i + 1,
                 of,
-                repo,
+                repo: target_repo,
                 target,
                 result,
             });
@@ -112,32 +112,38 @@ pub async fn run(
     Ok(summary)
 }
 
-/// The targets of a repository: those of its arch tags, plus tags holding an
-/// index of archmerge's (found by HEAD, then read only when it is an index).
+/// The targets a repository feeds, as (repository, tag): those of its arch
+/// tags; under a repository pattern, the target repository's tag; and tags
+/// holding an index of archmerge's (found by reading each other tag).
 async fn targets(
     merger: &Merger,
     upstream: &Upstream,
     repo: &str,
     auth: &Auth,
-) -> Result<Vec<String>, UpstreamError> {
+) -> Result<Vec<(String, String)>, UpstreamError> {
     let tags = upstream.list_tags(repo, auth).await?;
-    let rules = merger.rules();
-    let mut targets: BTreeSet<String> = tags
-        .iter()
-        .filter_map(|t| rules.match_tag(t))
-        .map(|a| a.target)
-        .collect();
-    let others: Vec<&String> = tags
-        .iter()
-        .filter(|t| !rules.is_arch_tag(t) && !targets.contains(*t))
-        .collect();
+    let rule = merger.rule(repo);
+    let mut targets = BTreeSet::new();
+    let mut others = Vec::new();
+    for tag in &tags {
+        if let Some(a) = rule.match_tag(tag) {
+            targets.insert((repo.to_owned(), a.target));
+        } else if let Some((target_repo, a)) = rule.match_repository(repo, tag) {
+            targets.insert((target_repo, a.target));
+        } else {
+            others.push(tag);
+        }
+    }
     for tag in others {
+        if targets.contains(&(repo.to_owned(), tag.clone())) {
+            continue;
+        }
         let Some(m) = upstream.get_manifest(repo, tag, auth).await? else {
             continue;
         };
         if let Ok(Manifest::Index(idx)) = parse_manifest(Some(&m.media_type), &m.bytes) {
             if matches!(read_target_index(&m.digest, &idx), TargetState::Ours { .. }) {
-                targets.insert(tag.clone());
+                targets.insert((repo.to_owned(), tag.clone()));
             }
         }
     }

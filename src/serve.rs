@@ -160,7 +160,7 @@ impl Aggregates {
                     let probe = snapshot
                         .values()
                         .next()
-                        .map(|(_, d)| d.clone())
+                        .map(|c| c.digest.clone())
                         .unwrap_or_default();
                     let served = Arc::new(Served {
                         bytes: Bytes::from(built.bytes),
@@ -216,7 +216,7 @@ pub async fn get_manifest(
 ) -> Result<Response<Body>, ProxyError> {
     let auth = Auth::client(req.headers().get(header::AUTHORIZATION).cloned());
     match &reference {
-        Reference::Tag(tag) if app.config.merge.rules.match_tag(tag).is_none() => {
+        Reference::Tag(tag) if !app.merger.rule(&repo).is_arch_tag(tag) => {
             // A registry that refuses the listing (e.g. 401 for an anonymous
             // client) gets the request itself, and answers it as it will.
             if let Ok(Some(served)) = aggregates.for_target(&repo, tag, &auth).await {

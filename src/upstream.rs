@@ -23,6 +23,7 @@ use crate::config::{Config, Credentials, Upstream as UpstreamConfig};
 use crate::metrics::Metrics;
 use crate::oci::MAX_MANIFEST_BYTES;
 
+mod blobs;
 mod token;
 
 /// Every manifest media type archmerge understands, sent as `Accept` on its
@@ -424,43 +425,6 @@ impl Upstream {
         }
         expect_ok(resp, "manifest delete", MAX_MANIFEST_BYTES).await?;
         Ok(())
-    }
-
-    /// A small blob (an image config), following one redirect to storage
-    /// without the registry credentials.
-    pub async fn get_small_blob(
-        &self,
-        repo: &str,
-        digest: &str,
-        auth: &Auth,
-    ) -> Result<Bytes, UpstreamError> {
-        let path = format!("/v2/{repo}/blobs/{digest}");
-        let resp = self.call(Method::GET, &path, auth, None, None).await?;
-        let resp = if resp.status().is_redirection() {
-            let location = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|l| l.parse::<Uri>().ok());
-            let Some(location) = location else {
-                return Err(UpstreamError::Body {
-                    what: "config blob".into(),
-                    reason: "redirect without a usable Location".into(),
-                });
-            };
-            let location = if location.scheme().is_none() {
-                self.uri(location.path_and_query().map_or("/", |p| p.as_str()))
-            } else {
-                location
-            };
-            let req = Request::get(location)
-                .body(body::empty())
-                .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
-            self.send(req).await?
-        } else {
-            resp
-        };
-        expect_ok(resp, "config blob", MAX_CONFIG_BYTES).await
     }
 }
 
