@@ -48,25 +48,18 @@ use moka::future::Cache;
 use tokio::sync::Mutex;
 
 use crate::config::MergeConfig;
-use crate::index::{
-    self, build_index, entry_platform, flatten, parse_config_platform, parse_manifest,
-    read_target_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest,
-    TargetState, ANN_BASE,
-};
-use crate::metrics::{CacheLabels, Metrics};
-use crate::platform::Platform;
+use crate::index::{build_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, Manifest, ANN_BASE};
+use crate::metrics::Metrics;
 use crate::rules::ArchTag;
 use crate::ruleset::Rule;
 use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
 
+mod children;
 mod copy;
+mod retry;
 
 /// Rebuild rounds before a merge gives up for now (and retries later).
 const MAX_ROUNDS: usize = 8;
-/// Background retries: first delay, cap, and how long to keep trying.
-const RETRY_FIRST: Duration = Duration::from_secs(1);
-const RETRY_CAP: Duration = Duration::from_secs(60);
-const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 
 /// Why a rebuild failed.
 #[derive(Debug, thiserror::Error)]
@@ -272,19 +265,6 @@ impl Merger {
                     arch.target
                 )
             })
-    }
-
-    /// Caches the facts of a manifest a client just pushed, so the rebuild
-    /// that follows does not fetch it back.
-    pub async fn remember(&self, m: FetchedManifest) {
-        if let Ok(manifest) = parse_manifest(Some(&m.media_type), &m.bytes) {
-            let facts = Facts {
-                media_type: media_type_of(&m.media_type, &manifest),
-                size: m.bytes.len() as u64,
-                manifest,
-            };
-            self.manifests.insert(m.digest, Arc::new(facts)).await;
-        }
     }
 
     /// After the registry deleted a manifest that `target` listed.
@@ -687,70 +667,6 @@ impl Merger {
         Ok(built)
     }
 
-    /// What the target holds now: whether archmerge made it, the entries to
-    /// keep from what it did not make, and what it held before archmerge
-    /// first wrote there.
-    async fn read_current(
-        &self,
-        repo: &str,
-        current: &FetchedManifest,
-        auth: &Auth,
-    ) -> Result<Current, MergeError> {
-        let parsed = parse_manifest(Some(&current.media_type), &current.bytes)
-            .map_err(|e| MergeError::Unmergeable(e.to_string()))?;
-        match parsed {
-            Manifest::Index(idx) => Ok(match read_target_index(&current.digest, &idx) {
-                TargetState::Ours { amended } => Current {
-                    ours: true,
-                    amended,
-                    base: idx
-                        .annotations()
-                        .as_ref()
-                        .and_then(|a| a.get(ANN_BASE))
-                        .cloned(),
-                },
-                TargetState::Foreign { entries } => Current {
-                    ours: false,
-                    amended: entries,
-                    base: Some(current.digest.clone()),
-                },
-            }),
-            Manifest::Image(info) => {
-                let config = self
-                    .config_platform(repo, &info.config_digest, auth)
-                    .await?;
-                let platform = Platform {
-                    os: config.os.clone().unwrap_or_else(|| "unknown".into()),
-                    architecture: config
-                        .architecture
-                        .clone()
-                        .unwrap_or_else(|| "unknown".into()),
-                    variant: config.variant.clone(),
-                    os_version: config.os_version.clone(),
-                    os_features: config.os_features.clone(),
-                }
-                .normalized();
-                let descriptor = descriptor(
-                    &info.media_type,
-                    &current.digest,
-                    current.bytes.len() as u64,
-                )?;
-                Ok(Current {
-                    ours: false,
-                    base: Some(current.digest.clone()),
-                    amended: vec![Entry {
-                        descriptor,
-                        platform,
-                        kind: EntryKind::Image,
-                        source: EntrySource::Amended {
-                            from: current.digest.clone(),
-                        },
-                    }],
-                })
-            }
-        }
-    }
-
     /// The last managed entry is gone: put back what the target held before
     /// archmerge first wrote there, or delete the index when it held nothing.
     async fn fall_back(
@@ -772,226 +688,4 @@ impl Merger {
         // The original is gone from the registry: list what was kept of it.
         Ok(Desired::Index(self.build(self.rule(repo), &kept, None)?))
     }
-
-    /// The entries one arch tag contributes: its image, or the flattened
-    /// images and attestations of its index.
-    async fn arch_entries(
-        &self,
-        repo: &str,
-        arch: &ArchTag,
-        digest: &str,
-        rule: &Rule,
-        auth: &Auth,
-    ) -> Result<Vec<Entry>, MergeError> {
-        let facts = self.facts(repo, digest, auth).await?;
-        let managed = EntrySource::Managed {
-            arch_tag: arch.tag.clone(),
-        };
-        match &facts.manifest {
-            Manifest::Image(info) => {
-                let config = self
-                    .config_platform(repo, &info.config_digest, auth)
-                    .await
-                    .ok();
-                let platform = self.decide_platform(repo, arch, digest, rule, config.as_deref());
-                Ok(vec![Entry {
-                    descriptor: descriptor(&facts.media_type, digest, facts.size)?,
-                    platform,
-                    kind: EntryKind::Image,
-                    source: managed,
-                }])
-            }
-            Manifest::Index(idx) => {
-                let picked =
-                    flatten(idx, &arch.platform.key()).map_err(|e| MergeError::BadChild {
-                        tag: arch.tag.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(picked
-                    .into_iter()
-                    .map(|(d, kind)| {
-                        let platform = match kind {
-                            EntryKind::Image => {
-                                let details = d.platform().as_ref().map(|p| {
-                                    let p = Platform::from_oci(p);
-                                    ConfigPlatform {
-                                        os: Some(p.os),
-                                        architecture: Some(p.architecture),
-                                        variant: p.variant,
-                                        os_version: p.os_version,
-                                        os_features: p.os_features,
-                                    }
-                                });
-                                self.decide_platform(repo, arch, digest, rule, details.as_ref())
-                            }
-                            EntryKind::Attestation { .. } => d
-                                .platform()
-                                .as_ref()
-                                .map(Platform::from_oci)
-                                .unwrap_or_default(),
-                        };
-                        Entry {
-                            descriptor: d,
-                            platform,
-                            kind,
-                            source: managed.clone(),
-                        }
-                    })
-                    .collect())
-            }
-        }
-    }
-
-    fn decide_platform(
-        &self,
-        repo: &str,
-        arch: &ArchTag,
-        digest: &str,
-        rule: &Rule,
-        config: Option<&ConfigPlatform>,
-    ) -> Platform {
-        let (platform, mismatch) = entry_platform(&arch.platform, config, rule.platform_source);
-        // Counted and logged once per (arch tag, digest) and process, not on
-        // every rebuild of the target.
-        let seen_key = (arch.tag.clone(), digest.to_owned());
-        let first = mismatch.is_some() && !self.mismatches_seen.contains_key(&seen_key);
-        if let Some(m) = mismatch.filter(|_| first) {
-            self.mismatches_seen.insert(seen_key, ());
-            self.metrics.platform_mismatches.inc();
-            tracing::warn!(
-                repo,
-                reference = %arch.tag,
-                platform = %m.alias,
-                config_platform = %m.config,
-                "image config disagrees with the tag alias"
-            );
-        }
-        platform
-    }
-
-    async fn facts(&self, repo: &str, digest: &str, auth: &Auth) -> Result<Arc<Facts>, MergeError> {
-        let labels = CacheLabels { cache: "manifest" };
-        if let Some(f) = self.manifests.get(digest).await {
-            self.metrics.cache_hits.get_or_create(&labels).inc();
-            return Ok(f);
-        }
-        self.metrics.cache_misses.get_or_create(&labels).inc();
-        let load = async {
-            let m = self
-                .upstream
-                .get_manifest(repo, digest, auth)
-                .await?
-                .ok_or_else(|| MergeError::BadChild {
-                    tag: digest.to_owned(),
-                    reason: "manifest vanished".into(),
-                })?;
-            let manifest = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| {
-                MergeError::BadChild {
-                    tag: digest.to_owned(),
-                    reason: e.to_string(),
-                }
-            })?;
-            Ok::<_, MergeError>(Arc::new(Facts {
-                media_type: media_type_of(&m.media_type, &manifest),
-                size: m.bytes.len() as u64,
-                manifest,
-            }))
-        };
-        self.manifests
-            .try_get_with(digest.to_owned(), load)
-            .await
-            .map_err(|e| MergeError::Index(e.to_string()))
-    }
-
-    async fn config_platform(
-        &self,
-        repo: &str,
-        digest: &str,
-        auth: &Auth,
-    ) -> Result<Arc<ConfigPlatform>, MergeError> {
-        let labels = CacheLabels { cache: "config" };
-        if let Some(c) = self.configs.get(digest).await {
-            self.metrics.cache_hits.get_or_create(&labels).inc();
-            return Ok(c);
-        }
-        self.metrics.cache_misses.get_or_create(&labels).inc();
-        let load = async {
-            let bytes = self.upstream.get_small_blob(repo, digest, auth).await?;
-            let c = parse_config_platform(&bytes).map_err(|e| MergeError::BadChild {
-                tag: digest.to_owned(),
-                reason: e.to_string(),
-            })?;
-            Ok::<_, MergeError>(Arc::new(c))
-        };
-        self.configs
-            .try_get_with(digest.to_owned(), load)
-            .await
-            .map_err(|e| MergeError::Index(e.to_string()))
-    }
-
-    /// Keeps retrying a failed target in the background, with backoff, until
-    /// it converges or the retry window closes. One loop per target.
-    fn spawn_retry(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth) {
-        let key = (repo.to_owned(), target.to_owned());
-        if self.retrying.insert(key.clone(), ()).is_some() {
-            return;
-        }
-        let this = self.clone();
-        let auth = auth.clone();
-        tokio::spawn(async move {
-            let deadline = Instant::now() + RETRY_FOR;
-            let mut delay = RETRY_FIRST;
-            loop {
-                tokio::time::sleep(delay).await;
-                this.metrics.merge_retries.inc();
-                match this.converge(&key.0, &key.1, &auth, Instant::now()).await {
-                    Ok(outcome) => {
-                        this.metrics.merge(outcome.label());
-                        tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");
-                        break;
-                    }
-                    Err(e)
-                        if Instant::now() < deadline
-                            && !matches!(e, MergeError::Upstream(ref u) if u.is_auth()) =>
-                    {
-                        tracing::warn!(repo = %key.0, reference = %key.1, error = %e, retry_in_s = delay.as_secs(), "merge retry failed");
-                        delay = (delay * 2).min(RETRY_CAP);
-                    }
-                    Err(e) => {
-                        this.metrics.merge("abandoned");
-                        tracing::error!(repo = %key.0, reference = %key.1, error = %e, "merge retries given up; run `archmerge reconcile`");
-                        break;
-                    }
-                }
-            }
-            this.retrying.remove(&key);
-        });
-    }
-}
-
-/// The media type to list a child under: the registry's `Content-Type`,
-/// or, when it sent none, what the manifest itself declares.
-fn media_type_of(content_type: &str, manifest: &Manifest) -> String {
-    if !content_type.is_empty() && content_type != "application/octet-stream" {
-        return content_type.to_owned();
-    }
-    match manifest {
-        Manifest::Image(info) => info.media_type.clone(),
-        Manifest::Index(_) => index::OCI_INDEX.to_owned(),
-    }
-}
-
-fn descriptor(
-    media_type: &str,
-    digest: &str,
-    size: u64,
-) -> Result<oci_spec::image::Descriptor, MergeError> {
-    let digest: oci_spec::image::Digest = digest
-        .parse()
-        .map_err(|e: oci_spec::OciSpecError| MergeError::Index(e.to_string()))?;
-    Ok(oci_spec::image::Descriptor::new(
-        oci_spec::image::MediaType::from(media_type),
-        size,
-        digest,
-    ))
 }

@@ -1,0 +1,56 @@
+//! Background retries of a merge that failed after its push was answered:
+//! with backoff, one loop per target, until it converges, the registry
+//! refuses the credentials, or the retry window closes (then `archmerge
+//! reconcile` or the next push repairs it).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{MergeError, Merger};
+use crate::upstream::Auth;
+
+/// First delay, cap, and how long to keep trying.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_CAP: Duration = Duration::from_secs(60);
+const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
+
+impl Merger {
+    /// Keeps retrying a failed target in the background, with backoff, until
+    /// it converges or the retry window closes. One loop per target.
+    pub(super) fn spawn_retry(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth) {
+        let key = (repo.to_owned(), target.to_owned());
+        if self.retrying.insert(key.clone(), ()).is_some() {
+            return;
+        }
+        let this = self.clone();
+        let auth = auth.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + RETRY_FOR;
+            let mut delay = RETRY_FIRST;
+            loop {
+                tokio::time::sleep(delay).await;
+                this.metrics.merge_retries.inc();
+                match this.converge(&key.0, &key.1, &auth, Instant::now()).await {
+                    Ok(outcome) => {
+                        this.metrics.merge(outcome.label());
+                        tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");
+                        break;
+                    }
+                    Err(e)
+                        if Instant::now() < deadline
+                            && !matches!(e, MergeError::Upstream(ref u) if u.is_auth()) =>
+                    {
+                        tracing::warn!(repo = %key.0, reference = %key.1, error = %e, retry_in_s = delay.as_secs(), "merge retry failed");
+                        delay = (delay * 2).min(RETRY_CAP);
+                    }
+                    Err(e) => {
+                        this.metrics.merge("abandoned");
+                        tracing::error!(repo = %key.0, reference = %key.1, error = %e, "merge retries given up; run `archmerge reconcile`");
+                        break;
+                    }
+                }
+            }
+            this.retrying.remove(&key);
+        });
+    }
+}
