@@ -251,7 +251,7 @@ pub async fn get_manifest(
     }
 }
 
-/// Negotiates, has the registry authorize the request, and serves.
+/// Has the registry authorize the request, negotiates, and serves.
 async fn answer<B>(
     upstream: &Upstream,
     req: &Request<B>,
@@ -260,6 +260,15 @@ async fn answer<B>(
     auth: &Auth,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
+    // Authorization first: even "not acceptable" would tell a client that
+    // the registry refuses that an index exists here.
+    let probe = upstream
+        .probe_manifest(repo, &served.probe, req.method().clone(), auth)
+        .await
+        .map_err(proxy_error)?;
+    if !probe.status().is_success() {
+        return Ok(forward::downstream_response(probe, upstream, client));
+    }
     if !accepts(req.headers(), served.media_type) {
         return Ok(error_response(
             StatusCode::NOT_FOUND,
@@ -269,13 +278,6 @@ async fn answer<B>(
                 served.media_type
             ),
         ));
-    }
-    let probe = upstream
-        .probe_manifest(repo, &served.probe, req.method().clone(), auth)
-        .await
-        .map_err(proxy_error)?;
-    if !probe.status().is_success() {
-        return Ok(forward::downstream_response(probe, upstream, client));
     }
     let mut resp = Response::new(if req.method() == Method::HEAD {
         body::empty()

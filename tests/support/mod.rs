@@ -15,23 +15,41 @@
 //!   answers a real registry cannot be told to give.
 //! - `image` — deterministic OCI image layouts with real tar layers.
 //! - `tools` — skopeo and docker, with timeouts and loud failures.
+//! - `auth` — htpasswd files (bcrypt) and clients that send HTTP Basic.
+//! - `manifest` — manifest requests with any `Accept`, answers kept whole,
+//!   the eight arches of the alias table and an index's entries.
+//! - `ops` — a registry with a fixed port, TLS or notifications; archmerge
+//!   serving TLS; archmerge's one-shot commands.
+//! - `certs` — a test CA and a server certificate for 127.0.0.1 (rcgen).
 //!
 //! Nothing here skips: a missing binary or a registry that never comes up is
 //! a panic that says what was seen.
 
 #![allow(dead_code)] // each test file uses its own part of the harness
 
+mod auth;
+mod certs;
 mod fake;
 mod http;
 mod image;
+mod manifest;
+mod ops;
 mod tools;
 
 #[allow(unused_imports)] // not every test file uses every part
+pub use auth::*;
+#[allow(unused_imports)]
+pub use certs::*;
+#[allow(unused_imports)]
 pub use fake::*;
 #[allow(unused_imports)]
 pub use http::*;
 #[allow(unused_imports)]
 pub use image::*;
+#[allow(unused_imports)]
+pub use manifest::*;
+#[allow(unused_imports)]
+pub use ops::*;
 #[allow(unused_imports)]
 pub use tools::*;
 
