@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
@@ -20,6 +20,9 @@ use crate::config::Mode;
 use crate::ruleset::RuleSet;
 use crate::server::App;
 use crate::upstream::Auth;
+
+/// How long a pushed tag is awaited before its target is rebuilt anyway.
+const TAG_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Deserialize)]
 struct Envelope {
@@ -44,6 +47,8 @@ struct Target {
     repository: String,
     #[serde(default)]
     tag: Option<String>,
+    #[serde(default)]
+    digest: String,
 }
 
 /// What the events ask archmerge to do.
@@ -54,6 +59,10 @@ pub struct Work {
     /// Repositories to reconcile whole: a manifest was deleted by digest,
     /// and the event does not say which tags listed it.
     pub repos: BTreeSet<String>,
+    /// Pushed (repo, tag, digest): distribution sends the event from inside
+    /// the manifest save, *before* it links the tag, so each is awaited
+    /// (bounded) before the rebuild that should see it.
+    pub pushed: BTreeSet<(String, String, String)>,
 }
 
 /// Reads an envelope; events that are not about manifests are ignored.
@@ -76,7 +85,15 @@ pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
                 })
         };
         match (e.action.as_str(), &t.tag) {
-            ("push", Some(tag)) if manifest => work.targets.extend(target(tag)),
+            ("push", Some(tag)) if manifest => {
+                if let Some(target) = target(tag) {
+                    work.targets.insert(target);
+                    if crate::oci::is_valid_digest(&t.digest) {
+                        work.pushed
+                            .insert((t.repository.clone(), tag.clone(), t.digest.clone()));
+                    }
+                }
+            }
             ("delete", Some(tag)) => work.targets.extend(target(tag)),
             ("delete", None) => {
                 work.repos.insert(t.repository);
@@ -95,6 +112,11 @@ pub fn apply(app: &Arc<App>, work: Work) {
     let app = app.clone();
     tokio::spawn(async move {
         let auth = Auth::own(app.config.upstream_credentials.as_ref());
+        let waits = work
+            .pushed
+            .iter()
+            .map(|(repo, tag, digest)| tag_points_at(&app, repo, tag, digest, &auth));
+        futures_util::future::join_all(waits).await;
         for (repo, target) in &work.targets {
             match app.config.mode {
                 Mode::Write => {
@@ -120,6 +142,29 @@ pub fn apply(app: &Arc<App>, work: Work) {
             }
         }
     });
+}
+
+/// Waits (bounded) until `repo:tag` points at `digest`: the registry may
+/// notify before it has linked the tag.
+async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Auth) {
+    let deadline = Instant::now() + TAG_WAIT;
+    let mut delay = Duration::from_millis(20);
+    loop {
+        match app.upstream.head_manifest(repo, tag, auth).await {
+            Ok(Some(d)) if d == digest => return,
+            // Not linked yet, or still the digest before this push (a tag
+            // moved on by a later push is waited out too: bounded, and in
+            // the background).
+            _ if Instant::now() >= deadline => {
+                tracing::warn!(repo, reference = tag, %digest, "pushed tag never appeared; merging what is there");
+                return;
+            }
+            _ => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

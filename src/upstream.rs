@@ -273,18 +273,21 @@ impl Upstream {
 
     /// Every tag of a repository, following `Link` pagination.
     pub async fn list_tags(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
-        self.list_paginated(&format!("/v2/{repo}/tags/list?n=1000"), "tags", auth)
+        self.list_paginated(&format!("/v2/{repo}/tags/list"), "tags", auth)
             .await
     }
 
     /// Every repository of the registry (`/v2/_catalog`), paginated.
     pub async fn list_catalog(&self, auth: &Auth) -> Result<Vec<String>, UpstreamError> {
-        self.list_paginated("/v2/_catalog?n=1000", "repositories", auth)
+        self.list_paginated("/v2/_catalog", "repositories", auth)
             .await
     }
 
     /// A distribution listing (`{"<key>": [...]}`), following `Link: <…>;
     /// rel="next"` until the registry sends none. A 404 is an empty list.
+    /// No `n` is asked for: registries cap it (distribution's
+    /// `catalog.maxentries`) and refuse a larger one, so the registry's own
+    /// page size is used.
     async fn list_paginated(
         &self,
         first: &str,
