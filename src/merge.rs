@@ -62,7 +62,7 @@ mod retry;
 const MAX_ROUNDS: usize = 8;
 
 /// Why a rebuild failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum MergeError {
     /// A registry call failed.
     #[error(transparent)]

@@ -37,7 +37,7 @@ application/vnd.docker.distribution.manifest.v2+json";
 const MAX_CONFIG_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why a call to the registry failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum UpstreamError {
     /// No connection could be made, or it broke before an answer.
     #[error("registry unreachable: {0}")]

@@ -1448,3 +1448,53 @@ async fn mismatch_counter(s: &Stack) -> u64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no archmerge_platform_mismatches_total:\n{metrics}"))
 }
+
+#[tokio::test]
+async fn an_unusable_arch_tag_is_left_out_and_does_not_hold_back_the_others() {
+    let s = Stack::new();
+    let c = http();
+    let via = s.proxy.url();
+    let repo = "poison/app";
+
+    // An index at an arm64 arch tag that holds no arm64 image (two others,
+    // so none can stand in for it): nothing usable for linux/arm64/v8.
+    let amd = push_untagged(
+        &c,
+        &via,
+        repo,
+        &ImageSpec::new("linux", "amd64").layer(2000, 512),
+    )
+    .await;
+    let s390 = push_untagged(
+        &c,
+        &via,
+        repo,
+        &ImageSpec::new("linux", "s390x").layer(2001, 512),
+    )
+    .await;
+    let wrong = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_INDEX,
+        "manifests": [
+            image_descriptor(&amd, "linux", "amd64"),
+            image_descriptor(&s390, "linux", "s390x"),
+        ],
+    }))
+    .unwrap();
+    put_json(&c, &via, repo, "aarch64_v3", media::OCI_INDEX, wrong).await;
+    let x86 = push_small_image(&c, &via, repo, "x86_64_v3", "amd64", 2002).await;
+
+    // The valid arch is published at once, without the unusable one.
+    let index = s.index(repo, "v3").await;
+    assert_eq!(
+        index.pairs(),
+        pairs([("linux/amd64", &x86.digest)]),
+        "{}",
+        index.text()
+    );
+    let log = strip_ansi(&s.proxy.log_text());
+    assert!(
+        log.contains("arch tag left out of the index") && log.contains("aarch64_v3"),
+        "the skipped arch tag is not logged:\n{log}"
+    );
+}

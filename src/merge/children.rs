@@ -8,6 +8,8 @@
 
 use std::sync::Arc;
 
+use moka::future::Cache;
+
 use super::{Current, Facts, MergeError, Merger};
 use crate::index::{
     self, entry_platform, flatten, parse_config_platform, parse_manifest, read_target_index,
@@ -194,63 +196,65 @@ impl Merger {
     }
 
     async fn facts(&self, repo: &str, digest: &str, auth: &Auth) -> Result<Arc<Facts>, MergeError> {
-        let labels = CacheLabels { cache: "manifest" };
-        if let Some(f) = self.manifests.get(digest).await {
-            self.metrics.cache_hits.get_or_create(&labels).inc();
-            return Ok(f);
-        }
-        self.metrics.cache_misses.get_or_create(&labels).inc();
         let load = async {
+            let bad = |reason: String| MergeError::BadChild {
+                tag: digest.to_owned(),
+                reason,
+            };
             let m = self
                 .upstream
                 .get_manifest(repo, digest, auth)
                 .await?
-                .ok_or_else(|| MergeError::BadChild {
-                    tag: digest.to_owned(),
-                    reason: "manifest vanished".into(),
-                })?;
-            let manifest = parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| {
-                MergeError::BadChild {
-                    tag: digest.to_owned(),
-                    reason: e.to_string(),
-                }
-            })?;
-            Ok::<_, MergeError>(Arc::new(Facts {
+                .ok_or_else(|| bad("manifest vanished".into()))?;
+            let manifest =
+                parse_manifest(Some(&m.media_type), &m.bytes).map_err(|e| bad(e.to_string()))?;
+            Ok(Arc::new(Facts {
                 media_type: media_type_of(&m.media_type, &manifest),
                 size: m.bytes.len() as u64,
                 manifest,
             }))
         };
-        self.manifests
-            .try_get_with(digest.to_owned(), load)
-            .await
-            .map_err(|e| MergeError::Index(e.to_string()))
+        self.cached(&self.manifests, "manifest", digest, load).await
     }
 
-    async fn config_platform(
+    pub(super) async fn config_platform(
         &self,
         repo: &str,
         digest: &str,
         auth: &Auth,
     ) -> Result<Arc<ConfigPlatform>, MergeError> {
-        let labels = CacheLabels { cache: "config" };
-        if let Some(c) = self.configs.get(digest).await {
-            self.metrics.cache_hits.get_or_create(&labels).inc();
-            return Ok(c);
-        }
-        self.metrics.cache_misses.get_or_create(&labels).inc();
         let load = async {
             let bytes = self.upstream.get_small_blob(repo, digest, auth).await?;
             let c = parse_config_platform(&bytes).map_err(|e| MergeError::BadChild {
                 tag: digest.to_owned(),
                 reason: e.to_string(),
             })?;
-            Ok::<_, MergeError>(Arc::new(c))
+            Ok(Arc::new(c))
         };
-        self.configs
-            .try_get_with(digest.to_owned(), load)
+        self.cached(&self.configs, "config", digest, load).await
+    }
+
+    /// A per-digest fact from `cache`, loaded once however many rebuilds
+    /// ask at the same moment (moka's single-flight `try_get_with`), with
+    /// hits and misses counted. A failed load is not cached, and its error
+    /// keeps its kind (a bad child stays a bad child).
+    async fn cached<V: Clone + Send + Sync + 'static>(
+        &self,
+        cache: &Cache<String, V>,
+        name: &'static str,
+        key: &str,
+        load: impl std::future::Future<Output = Result<V, MergeError>>,
+    ) -> Result<V, MergeError> {
+        let labels = CacheLabels { cache: name };
+        if let Some(v) = cache.get(key).await {
+            self.metrics.cache_hits.get_or_create(&labels).inc();
+            return Ok(v);
+        }
+        self.metrics.cache_misses.get_or_create(&labels).inc();
+        cache
+            .try_get_with(key.to_owned(), load)
             .await
-            .map_err(|e| MergeError::Index(e.to_string()))
+            .map_err(Arc::unwrap_or_clone)
     }
 }
 
