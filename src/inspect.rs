@@ -80,7 +80,11 @@ pub async fn report(
         state: "absent",
         media_type: None,
         digest: None,
-        arch_tags: snapshot.keys().cloned().collect(),
+        arch_tags: snapshot
+            .values()
+            .filter(|c| c.digest.is_some())
+            .map(|c| c.arch.tag.clone())
+            .collect(),
         missing_required: plan.missing.clone(),
         expected_digest: None,
         entries: Vec::new(),

@@ -48,7 +48,9 @@ use moka::future::Cache;
 use tokio::sync::Mutex;
 
 use crate::config::MergeConfig;
-use crate::index::{build_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, Manifest, ANN_BASE};
+use crate::index::{
+    build_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, ANN_BASE,
+};
 use crate::metrics::Metrics;
 use crate::rules::ArchTag;
 use crate::ruleset::Rule;
@@ -138,8 +140,9 @@ pub struct Child {
     pub repo: String,
     /// The arch tag (`repo:tag` under a repository pattern).
     pub arch: ArchTag,
-    /// The manifest digest it points at.
-    pub digest: String,
+    /// The manifest digest it points at; `None` when these credentials may
+    /// not read that repository.
+    pub digest: Option<String>,
 }
 
 /// What the registry's state calls for at a target.
@@ -438,13 +441,14 @@ impl Merger {
             sources.push((source, target.to_owned(), arch));
         }
         let heads = sources.into_iter().map(|(source, tag, arch)| async move {
-            let d = match self.upstream.head_manifest(&source, &tag, auth).await {
-                // A per-arch repository the client may not read is one it
-                // did not push to: it has nothing to contribute.
-                Err(e) if e.is_auth() && source != repo => None,
-                other => other?,
+            // A per-arch repository these credentials may not read (a token
+            // scoped to other repositories) is unknown, not empty: `plan`
+            // keeps what the index already says about it.
+            let digest = match self.upstream.head_manifest(&source, &tag, auth).await {
+                Err(e) if e.is_auth() && source != repo => Some(None),
+                other => other?.map(Some),
             };
-            Ok::<_, UpstreamError>(d.map(|digest| {
+            Ok::<_, UpstreamError>(digest.map(|digest| {
                 let child = Child {
                     repo: source,
                     arch,
@@ -568,8 +572,12 @@ impl Merger {
         auth: &Auth,
     ) -> Result<Plan, MergeError> {
         let rule = self.rule(repo);
-        let children = snapshot.values().map(|c| async move {
-            let entries = match self.arch_entries(&c.repo, &c.arch, &c.digest, rule, auth).await {
+        let current = self.upstream.get_manifest(repo, target, auth).await?;
+        let children = snapshot
+            .values()
+            .filter_map(|c| Some((c, c.digest.as_deref()?)));
+        let children = children.map(|(c, digest)| async move {
+            let entries = match self.arch_entries(&c.repo, &c.arch, digest, rule, auth).await {
                 // One unusable arch tag must not hold back the others: it is
                 // left out, loudly, until it is pushed again.
                 Err(MergeError::BadChild { tag, reason }) => {
@@ -593,8 +601,8 @@ impl Merger {
             }
             managed.extend(entries);
         }
+        managed.extend(unreadable_entries(snapshot, current.as_ref()));
 
-        let current = self.upstream.get_manifest(repo, target, auth).await?;
         let Current {
             ours,
             amended,
@@ -688,4 +696,27 @@ impl Merger {
         // The original is gone from the registry: list what was kept of it.
         Ok(Desired::Index(self.build(self.rule(repo), &kept, None)?))
     }
+}
+
+/// The entries the current index lists for sources these credentials may
+/// not read: kept as they are, so a client scoped to its own repository
+/// never drops an arch that others pushed.
+fn unreadable_entries(snapshot: &Snapshot, current: Option<&FetchedManifest>) -> Vec<Entry> {
+    let unreadable: BTreeSet<&str> = snapshot
+        .values()
+        .filter(|c| c.digest.is_none())
+        .map(|c| c.arch.tag.as_str())
+        .collect();
+    let Some(current) = current.filter(|_| !unreadable.is_empty()) else {
+        return Vec::new();
+    };
+    let Ok(Manifest::Index(idx)) =
+        crate::index::parse_manifest(Some(&current.media_type), &current.bytes)
+    else {
+        return Vec::new();
+    };
+    crate::index::index_entries(&current.digest, &idx)
+        .into_iter()
+        .filter(|e| matches!(&e.source, EntrySource::Managed { arch_tag } if unreadable.contains(arch_tag.as_str())))
+        .collect()
 }

@@ -148,7 +148,7 @@ impl Aggregates {
         let load = async {
             let loaded_from = Instant::now();
             let snapshot = self.merger.snapshot(repo, target, auth).await?;
-            if snapshot.is_empty() {
+            if snapshot.values().all(|c| c.digest.is_none()) {
                 return Ok(Aggregate {
                     served: None,
                     loaded_from,
@@ -159,8 +159,7 @@ impl Aggregates {
                 Desired::Index(built) => {
                     let probe = snapshot
                         .values()
-                        .next()
-                        .map(|c| c.digest.clone())
+                        .find_map(|c| c.digest.clone())
                         .unwrap_or_default();
                     let served = Arc::new(Served {
                         bytes: Bytes::from(built.bytes),

@@ -62,11 +62,19 @@ fn copy<'a>(
 }
 
 /// The config and layer blobs of an image manifest, with their sizes.
+/// Layers with `urls` (Windows foreign base layers, non-distributable
+/// layers) live outside the registry and are not copied: the registry
+/// accepts the manifest without them.
 fn blobs(v: &Value) -> Vec<(String, u64)> {
     let one = |d: &Value| Some((d["digest"].as_str()?.to_owned(), d["size"].as_u64()?));
     let mut out: Vec<(String, u64)> = v.get("config").and_then(one).into_iter().collect();
     if let Some(layers) = v["layers"].as_array() {
-        out.extend(layers.iter().filter_map(one));
+        out.extend(
+            layers
+                .iter()
+                .filter(|l| l["urls"].as_array().is_none_or(|u| u.is_empty()))
+                .filter_map(one),
+        );
     }
     out
 }
@@ -90,7 +98,7 @@ mod tests {
     #[test]
     fn lists_what_a_manifest_needs() {
         let v: Value = serde_json::from_str(
-            r#"{"config":{"digest":"sha256:c","size":10},"layers":[{"digest":"sha256:l1","size":5},{"digest":"sha256:l2","size":7}]}"#,
+            r#"{"config":{"digest":"sha256:c","size":10},"layers":[{"digest":"sha256:l1","size":5},{"digest":"sha256:l2","size":7},{"digest":"sha256:foreign","size":9,"urls":["https://example/base"]}]}"#,
         )
         .unwrap();
         assert_eq!(

@@ -105,6 +105,31 @@ impl Upstream {
         let Some(location) = location else {
             return expect_ok(resp, "blob mount", 4096).await.map(|_| ());
         };
+        let copied = self.stream_into(&location, from, digest, size, auth).await;
+        if copied.is_err() {
+            // Do not leave the upload session open until the registry purges it.
+            if let Ok(uri) = location.parse::<Uri>() {
+                let mut req = Request::delete(self.absolute(uri));
+                if let Some(a) = &auth.header {
+                    req = req.header(header::AUTHORIZATION, a.clone());
+                }
+                if let Ok(req) = req.body(body::empty()) {
+                    let _ = self.send(req).await;
+                }
+            }
+        }
+        copied
+    }
+
+    /// Streams blob `digest` of `from` into the upload at `location`.
+    async fn stream_into(
+        &self,
+        location: &str,
+        from: &str,
+        digest: &str,
+        size: u64,
+        auth: &Auth,
+    ) -> Result<(), UpstreamError> {
         let source = self.open_blob(from, digest, auth).await?;
         if !source.status().is_success() {
             return expect_ok(source, "blob", 4096).await.map(|_| ());

@@ -21,6 +21,8 @@
 //! - `ops` — a registry with a fixed port, TLS or notifications; archmerge
 //!   serving TLS; archmerge's one-shot commands.
 //! - `certs` — a test CA and a server certificate for 127.0.0.1 (rcgen).
+//! - `token` — registry token auth: a throwaway token service whose tokens
+//!   carry exactly the repository scopes a test grants.
 //!
 //! Nothing here skips: a missing binary or a registry that never comes up is
 //! a panic that says what was seen.
@@ -34,6 +36,7 @@ mod http;
 mod image;
 mod manifest;
 mod ops;
+mod token;
 mod tools;
 
 #[allow(unused_imports)] // not every test file uses every part
@@ -50,6 +53,8 @@ pub use image::*;
 pub use manifest::*;
 #[allow(unused_imports)]
 pub use ops::*;
+#[allow(unused_imports)]
+pub use token::*;
 #[allow(unused_imports)]
 pub use tools::*;
 
