@@ -291,7 +291,8 @@ pub fn build_index(
     })
 }
 
-/// The total order of images: platform, digest, then the rest only to break exact ties.
+/// The total order of images: platform, digest, then the rest only to break exact ties
+/// (even between entries no registry could produce, like one digest with two sizes).
 fn image_order(e: &Entry) -> impl Ord + '_ {
     let n = e.platform.normalized();
     (
@@ -299,12 +300,20 @@ fn image_order(e: &Entry) -> impl Ord + '_ {
         e.descriptor.digest().as_ref(),
         n.os_features,
         &e.source,
+        e.descriptor.media_type().to_string(),
+        e.descriptor.size(),
     )
 }
 
-/// Source preference within one platform: managed first, smaller arch tag first.
-fn source_order(e: &Entry) -> (&EntrySource, &str) {
-    (&e.source, e.descriptor.digest().as_ref())
+/// Source preference within one platform: managed first, smaller arch tag first, then the
+/// descriptor itself, so that the choice never depends on input order.
+fn source_order(e: &Entry) -> (&EntrySource, &str, String, u64) {
+    (
+        &e.source,
+        e.descriptor.digest().as_ref(),
+        e.descriptor.media_type().to_string(),
+        e.descriptor.size(),
+    )
 }
 
 /// The images to list, in index order; the others go to `dropped`.
