@@ -106,6 +106,7 @@ impl RouteError {
 /// an error. Percent-encoded bytes and dot segments never form a valid name,
 /// so `..` or `%2e%2e` in a repository position is `NAME_INVALID`.
 pub fn parse(path: &str) -> Result<Route, RouteError> {
+    check_segments(path)?;
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Ok(if path == "/v2" {
             Route::Base
@@ -184,6 +185,39 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     Ok(Route::Other)
 }
 
+/// Refuses dot segments (`.`, `..`, also percent-encoded) and empty
+/// segments anywhere in the path: the registry would answer them with a
+/// redirect to a cleaned path, and a proxy must not let them address
+/// something else than they appear to. A trailing `/` is only part of
+/// `/v2/` and `…/blobs/uploads/`; the reference after `manifests/`,
+/// `blobs/` or `referrers/` is left to its own grammar (`TAG_INVALID`, …).
+fn check_segments(path: &str) -> Result<(), RouteError> {
+    let trailing_ok = path == "/v2/" || path.ends_with("/blobs/uploads/");
+    let inner = path.strip_prefix('/').unwrap_or(path);
+    let inner = match inner.strip_suffix('/') {
+        Some(i) if trailing_ok => i,
+        _ => inner,
+    };
+    let segments: Vec<&str> = inner.split('/').collect();
+    let n = segments.len();
+    let dot = |seg: &str| {
+        let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+        decoded == "." || decoded == ".."
+    };
+    let bad = segments.iter().enumerate().any(|(i, seg)| {
+        let reference =
+            i + 1 == n && i > 0 && matches!(segments[i - 1], "manifests" | "blobs" | "referrers");
+        seg.is_empty() || (dot(seg) && !reference)
+    });
+    if bad && !inner.is_empty() {
+        return Err(RouteError::new(
+            ErrorCode::NameInvalid,
+            format!("path {path:?} has empty or dot segments"),
+        ));
+    }
+    Ok(())
+}
+
 fn check_digest(d: &str) -> Result<(), RouteError> {
     if is_valid_digest(d) {
         Ok(())
@@ -243,6 +277,24 @@ mod tests {
     #[case("/v2/a/referrers/sha256:zz", ErrorCode::DigestInvalid)]
     fn refuses(#[case] path: &str, #[case] code: ErrorCode) {
         assert_eq!(parse(path).unwrap_err().code, code, "{path}");
+    }
+
+    #[rstest]
+    #[case("/v2/../x")]
+    #[case("//v2/a/tags/list")]
+    #[case("/v2/a/manifests/v1/.")]
+    #[case("/v2/a/manifests/v1/..")]
+    #[case("/v2/a/manifests/v1//")]
+    #[case("/v2/a/%2E%2e/tags/list")]
+    #[case("/x/../v2/")]
+    #[case("/v2/a/manifests/v1/")]
+    #[case("/v2/a/tags/list/")]
+    fn refuses_dot_and_empty_segments(#[case] path: &str) {
+        assert_eq!(
+            parse(path).unwrap_err().code,
+            ErrorCode::NameInvalid,
+            "{path}"
+        );
     }
 
     #[test]

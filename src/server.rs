@@ -132,10 +132,15 @@ pub async fn run(
         });
         match &acceptor {
             None => {
-                let conn = builder.serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn.into_owned());
+                let (builder, watcher) = (builder.clone(), graceful.watcher());
+                let limit = app.config.timeouts.header_read;
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if !first_bytes(&stream, limit).await {
+                        tracing::debug!(%peer, "no request within the header timeout");
+                        return;
+                    }
+                    let conn = builder.serve_connection(TokioIo::new(stream), service);
+                    if let Err(e) = watcher.watch(conn.into_owned()).await {
                         tracing::debug!(error = %e, %peer, "connection ended with an error");
                     }
                     drop(permit);
@@ -192,11 +197,58 @@ async fn refuse(mut stream: tokio::net::TcpStream, peer: SocketAddr) {
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        // Read the request head first (bounded): a client library that gets
+        // an answer before it has written reports a broken connection, not
+        // the 503.
+        let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(&body).await?;
         stream.shutdown().await
     })
     .await;
+}
+
+/// Reads (and drops) what the client sends until the end of a request head,
+/// at most 16 KiB.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    while seen < buf.len() {
+        let n = stream.read(&mut buf[seen..]).await?;
+        if n == 0 {
+            break;
+        }
+        seen += n;
+        if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Waits, bounded by the header timeout, until the client has sent enough
+/// to tell HTTP/1 from HTTP/2: the protocol detection reads before hyper's
+/// own header timeout starts, so a client that sends nothing (or trickles
+/// the HTTP/2 preface) would otherwise hold its connection forever.
+async fn first_bytes(stream: &tokio::net::TcpStream, limit: Duration) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let wait = async {
+        let mut buf = [0u8; PREFACE.len()];
+        loop {
+            let n = match stream.peek(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            // Enough to decide: a full preface, or bytes that are not one.
+            if n == PREFACE.len() || buf[..n] != PREFACE[..n] {
+                return true;
+            }
+            // A partial preface: `peek` would return at once again.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(limit, wait).await.unwrap_or(false)
 }
 
 /// One request: route, then forward or intercept, then log and count.

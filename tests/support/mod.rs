@@ -23,6 +23,8 @@
 //! - `certs` — a test CA and a server certificate for 127.0.0.1 (rcgen).
 //! - `token` — registry token auth: a throwaway token service whose tokens
 //!   carry exactly the repository scopes a test grants.
+//! - `faults` — a registry started again on its port and storage, raw
+//!   HTTP/1.1 over a socket, a client trickling bytes (slowloris).
 //!
 //! Nothing here skips: a missing binary or a registry that never comes up is
 //! a panic that says what was seen.
@@ -32,6 +34,7 @@
 mod auth;
 mod certs;
 mod fake;
+mod faults;
 mod http;
 mod image;
 mod manifest;
@@ -45,6 +48,8 @@ pub use auth::*;
 pub use certs::*;
 #[allow(unused_imports)]
 pub use fake::*;
+#[allow(unused_imports)]
+pub use faults::*;
 #[allow(unused_imports)]
 pub use http::*;
 #[allow(unused_imports)]
