@@ -389,13 +389,7 @@ fn choose_attestations<'e>(
             }),
         }
     }
-    listed.sort_by(|(pa, a), (pb, b)| {
-        (pa, a.descriptor.digest().as_ref(), &a.source).cmp(&(
-            pb,
-            b.descriptor.digest().as_ref(),
-            &b.source,
-        ))
-    });
+    listed.sort_by_cached_key(|(pos, e)| (*pos, source_order(e)));
     let mut seen = BTreeSet::new();
     let mut kept = Vec::with_capacity(listed.len());
     for (_, e) in listed {
