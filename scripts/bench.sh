@@ -1,0 +1,241 @@
+#!/usr/bin/env bash
+# The proxy benchmark, in one command: the same work sent straight to the
+# registry (the limit), through nginx (what people run in front of a registry
+# today) and through archmerge, side by side in one run, printed as a table
+# of figures and ratios to direct.
+#
+#   1. installs Debian's docker-registry and nginx when missing,
+#   2. builds archmerge (release) and the load generator (benches/bench/),
+#   3. starts, on free loopback ports and with everything in one temp dir:
+#      the registry (its own config), nginx in front of it (bench/nginx.conf,
+#      run as the current user, never the system config or service) and
+#      archmerge in front of it,
+#   4. runs the load generator against all three (see benches/bench/main.rs
+#      for what it measures and the BENCH_* knobs; BENCH_QUICK=1 is a smoke
+#      run of about a minute),
+#   5. with BENCH_PROFILE=1, samples archmerge with `perf record` (Debian's
+#      linux-perf) during the run and writes the report to
+#      target/bench/profile.txt (pair it with BENCH_ONLY=get, blobs, …),
+#   6. stops everything (also on Ctrl-C or failure) and removes the temp dir
+#      (BENCH_KEEP=1 keeps it, with every log).
+#
+# The table is also written to target/bench/last-run.txt. A full run takes
+# about 5–8 minutes on a 2-core machine (first build not counted). Numbers
+# from a shared machine are noisy: read the ratios, which are measured
+# interleaved in one run, not the absolute figures.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$(pwd)
+
+note() { printf '==> %s\n' "$*" >&2; }
+die() {
+    printf 'bench.sh: %s\n' "$*" >&2
+    exit 1
+}
+
+# === what the benchmark needs ===
+
+export PATH="$PATH:/usr/sbin:/sbin"
+need=()
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v nginx >/dev/null 2>&1 || need+=(nginx)
+if ((${#need[@]})); then
+    sudo=()
+    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+    note "installing ${need[*]} (Debian packages)"
+    "${sudo[@]}" apt-get update
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y --no-install-recommends "${need[@]}"
+fi
+
+note "cargo build --release (archmerge)"
+cargo build --release --bin archmerge
+archmerge_bin=$root/target/release/archmerge
+
+note "cargo bench --no-run (the load generator)"
+bench_bin=$(cargo bench --bench bench --no-run --message-format=json |
+    grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
+[ -x "$bench_bin" ] || die "could not find the bench executable (got '$bench_bin')"
+
+# === one temp dir, and a trap that stops everything ===
+
+tmp=$(mktemp -d -t archmerge-bench.XXXXXX)
+pids=()
+cleanup() {
+    local status=$?
+    trap - EXIT INT TERM
+    for pid in "${pids[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${pids[@]}"; do
+        # Bounded: a process that ignores TERM for 10 s gets KILL.
+        for _ in $(seq 100); do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 0.1
+        done
+        kill -9 "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    if [ "${BENCH_KEEP:-0}" = 1 ]; then
+        note "kept $tmp (logs, configs, registry data)"
+    else
+        rm -rf "$tmp"
+    fi
+    exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A loopback port nothing answers on (bounded tries).
+free_port() {
+    local p
+    for _ in $(seq 50); do
+        p=$((20000 + RANDOM % 40000))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            echo "$p"
+            return 0
+        fi
+    done
+    die "no free loopback port found"
+}
+
+# GET /v2/ over bash's /dev/tcp: true on a 200.
+v2_ok() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        printf 'GET /v2/ HTTP/1.0\r\nHost: 127.0.0.1:%s\r\n\r\n' "$1" >&3
+        IFS= read -r -t 2 line <&3 || exit 1
+        [[ $line == HTTP/1.?" 200"* ]]
+    ) 2>/dev/null
+}
+
+# Waits (at most 10 s) for GET /v2/ on a port; fails with the log.
+wait_ready() {
+    local name=$1 port=$2 pid=$3 log=$4
+    for _ in $(seq 100); do
+        v2_ok "$port" && return 0
+        kill -0 "$pid" 2>/dev/null || die "$name exited:
+$(tail -n 20 "$log")"
+        sleep 0.1
+    done
+    die "$name does not answer on 127.0.0.1:$port:
+$(tail -n 20 "$log")"
+}
+
+registry_port=$(free_port)
+nginx_port=$(free_port)
+archmerge_port=$(free_port)
+admin_port=$(free_port)
+
+# distribution reads REGISTRY_* and archmerge ARCHMERGE_* variables as
+# overrides; this run uses only its own settings.
+while read -r v; do unset "$v"; done < <(compgen -e | grep -E '^(REGISTRY|ARCHMERGE)_' || true)
+
+# === the registry ===
+# The limit: filesystem storage, the in-memory blob descriptor cache of the
+# stock config, and logging at warn without an access log (the cheapest
+# registry, so the figures through a proxy are compared with the best case).
+
+mkdir -p "$tmp/registry/data"
+cat >"$tmp/registry/config.yml" <<EOF
+version: 0.1
+log:
+  level: warn
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $tmp/registry/data
+  cache:
+    blobdescriptor: inmemory
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: 127.0.0.1:$registry_port
+  secret: archmerge-bench
+EOF
+note "starting docker-registry on 127.0.0.1:$registry_port"
+docker-registry serve "$tmp/registry/config.yml" >"$tmp/registry/log" 2>&1 &
+registry_pid=$!
+pids+=("$registry_pid")
+wait_ready docker-registry "$registry_port" "$registry_pid" "$tmp/registry/log"
+
+# === nginx ===
+
+mkdir -p "$tmp/nginx"
+user_line=
+if [ "$(id -u)" -eq 0 ]; then
+    # Workers keep the current user (root here) instead of nginx's `nobody`,
+    # so they can use the temp dir.
+    user_line="user $(id -un) $(id -gn);"
+fi
+sed -e "s|@PREFIX@|$tmp/nginx|g" \
+    -e "s|@LISTEN@|$nginx_port|g" \
+    -e "s|@UPSTREAM@|127.0.0.1:$registry_port|g" \
+    -e "s|@USER@|$user_line|g" \
+    bench/nginx.conf >"$tmp/nginx/nginx.conf"
+nginx -t -q -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log" ||
+    die "nginx rejected its config: $(cat "$tmp/nginx/error.log" 2>/dev/null)"
+note "starting nginx $(nginx -v 2>&1 | sed 's/.*\///') on 127.0.0.1:$nginx_port"
+nginx -p "$tmp/nginx" -c "$tmp/nginx/nginx.conf" -e "$tmp/nginx/error.log" \
+    >"$tmp/nginx/stdout" 2>&1 &
+nginx_pid=$!
+pids+=("$nginx_pid")
+wait_ready nginx "$nginx_port" "$nginx_pid" "$tmp/nginx/error.log"
+
+# === archmerge ===
+# As it is deployed: default settings, the access log at info.
+
+note "starting archmerge on 127.0.0.1:$archmerge_port"
+"$archmerge_bin" serve \
+    --listen "127.0.0.1:$archmerge_port" \
+    --upstream "http://127.0.0.1:$registry_port" \
+    --admin-listen "127.0.0.1:$admin_port" \
+    >"$tmp/archmerge.log" 2>&1 &
+archmerge_pid=$!
+pids+=("$archmerge_pid")
+wait_ready archmerge "$archmerge_port" "$archmerge_pid" "$tmp/archmerge.log"
+
+# === the run ===
+
+perf_pid=
+if [ "${BENCH_PROFILE:-0}" = 1 ]; then
+    command -v perf >/dev/null 2>&1 || die "BENCH_PROFILE=1 needs perf (apt-get install linux-perf)"
+    note "sampling archmerge with perf (cpu-clock, DWARF call graphs)"
+    perf record -q -e cpu-clock -F "${BENCH_PROFILE_HZ:-299}" --call-graph dwarf,8192 \
+        -p "$archmerge_pid" -o "$tmp/perf.data" 2>"$tmp/perf.log" &
+    perf_pid=$!
+    pids+=("$perf_pid")
+    sleep 1
+fi
+
+note "load before the run: $(cut -d' ' -f1-3 /proc/loadavg) ($(nproc) cores)"
+mkdir -p target/bench
+"$bench_bin" \
+    --direct "127.0.0.1:$registry_port" \
+    --nginx "127.0.0.1:$nginx_port" \
+    --archmerge "127.0.0.1:$archmerge_port" \
+    --registry-pid "$registry_pid" \
+    --nginx-pid "$nginx_pid" \
+    --archmerge-pid "$archmerge_pid" \
+    --archmerge-bin "$archmerge_bin" \
+    --registry-data "$tmp/registry/data" | tee target/bench/last-run.txt
+note "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+    note "writing target/bench/profile.txt"
+    perf report -i "$tmp/perf.data" --stdio --no-children --sort dso,symbol \
+        --percent-limit 0.3 -g none >target/bench/profile.txt 2>/dev/null || true
+    perf report -i "$tmp/perf.data" --stdio --children --sort symbol \
+        --percent-limit 2 -g caller,0.5,callee,function,percent --max-stack 40 \
+        >target/bench/profile-callers.txt 2>/dev/null || true
+fi
+{
+    echo
+    echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), distribution $(docker-registry --version | awk '{print $NF}'), $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
+} | tee -a target/bench/last-run.txt
