@@ -101,5 +101,5 @@ cargo clippy --all-targets -- -D warnings
 note "cargo test --doc"
 cargo test --doc 2>&1 | tee -a "$log"
 
-note "cargo test --all-targets (unit + integration)"
-cargo test --all-targets --no-fail-fast "${skip[@]}" 2>&1 | tee -a "$log"
+note "cargo test --lib --bins --tests (unit + integration; the benchmark is scripts/bench.sh)"
+cargo test --lib --bins --tests --no-fail-fast "${skip[@]}" 2>&1 | tee -a "$log"
