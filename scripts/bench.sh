@@ -54,8 +54,10 @@ cargo build --release --bin archmerge
 archmerge_bin=$root/target/release/archmerge
 
 note "cargo bench --no-run (the load generator)"
+# The bench target's own artifact (cargo also builds the archmerge binary
+# for it, and may report that one last).
 bench_bin=$(cargo bench --bench bench --no-run --message-format=json |
-    grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
+    grep '"kind":\["bench"\]' | grep -o '"executable":"[^"]*"' | tail -n 1 | cut -d'"' -f4)
 [ -x "$bench_bin" ] || die "could not find the bench executable (got '$bench_bin')"
 
 # === one temp dir, and a trap that stops everything ===
