@@ -121,7 +121,10 @@ pub fn apply(app: &Arc<App>, work: Work) {
             match app.config.mode {
                 Mode::Write => {
                     // Failures are logged, counted and retried inside.
-                    let _ = app.merger.update(repo, target, &auth, Instant::now()).await;
+                    let _ = app
+                        .merger
+                        .update(repo, target, &auth, Instant::now(), None)
+                        .await;
                 }
                 Mode::Serve => app.aggregates.invalidate(repo, target).await,
             }

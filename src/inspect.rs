@@ -60,8 +60,8 @@ pub async fn report(
     tag: &str,
     auth: &Auth,
 ) -> Result<Report, MergeError> {
-    let snapshot = merger.snapshot(repo, tag, auth).await?;
-    let plan = merger.plan(repo, tag, &snapshot, auth).await?;
+    let (snapshot, current) = merger.survey(repo, tag, auth).await?;
+    let plan = merger.plan(repo, tag, &snapshot, current, auth).await?;
     let expected = match &plan.desired {
         Desired::Index(b) => Some((b.digest.clone(), b.media_type.to_owned(), b.bytes.clone())),
         Desired::Restore(m) => Some((m.digest.clone(), m.media_type.clone(), m.bytes.to_vec())),

@@ -21,6 +21,7 @@ use crate::body::{self, Body};
 use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, proxy_error, ClientSide};
+use crate::merge::Pushed;
 use crate::oci::MAX_MANIFEST_BYTES;
 use crate::route::Reference;
 use crate::server::App;
@@ -95,6 +96,11 @@ pub async fn put_manifest(
     };
     let warning = match app.config.mode {
         Mode::Write => {
+            let pushed = Pushed {
+                repo,
+                tag: &tag,
+                manifest: &pushed,
+            };
             app.merger
                 .after_push(&target_repo, &arch, pushed, &auth, accepted_at)
                 .await

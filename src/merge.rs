@@ -10,7 +10,9 @@
 //! then takes the snapshot again. If the second snapshot differs, an arch
 //! push landed meanwhile and the rebuild runs again; if it is equal, the
 //! index written reflects every arch tag present at a moment *after* the
-//! write.
+//! write. A rebuild that found the target already right wrote nothing and
+//! needs no second snapshot: the target says what a snapshot taken after
+//! the rebuild began calls for.
 //!
 //! Take the last write to a target, by any replica. Its writer verified
 //! after writing, saw the snapshot it built from, and stopped — so every
@@ -31,7 +33,12 @@
 //! not eight.
 //!
 //! Per-digest facts (a manifest's parsed form, an image config's platform)
-//! are immutable and cached in moka; tags are never cached, since they move.
+//! are immutable and cached in moka; tags are never cached, since they move
+//! (a target's last snapshot is kept only as a guess of which arch tags to
+//! HEAD early, see `snapshot`). Round trips are what a push waits for, so
+//! the first round reads the snapshot, the target and the pushed image's
+//! config at once: a push to a target whose other arches are already there
+//! waits for three — read, write, verify — after its own PUT.
 //!
 //! A rebuild that fails (registry down, credentials expired mid-way) is
 //! logged, counted, and retried in the background with backoff; the push
@@ -58,10 +65,17 @@ use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
 
 mod children;
 mod copy;
+mod listing;
 mod retry;
+mod snapshot;
+
+pub use snapshot::Pushed;
 
 /// Rebuild rounds before a merge gives up for now (and retries later).
 const MAX_ROUNDS: usize = 8;
+
+/// Children remembered across all targets' last snapshots (a few MiB).
+const LAST_SNAPSHOT_CHILDREN: u64 = 32_768;
 
 /// Why a rebuild failed.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -217,6 +231,11 @@ pub struct Merger {
     configs: Cache<String, Arc<ConfigPlatform>>,
     /// (arch tag, digest) pairs whose alias/config mismatch was reported.
     mismatches_seen: moka::sync::Cache<(String, String), ()>,
+    /// Each target's latest snapshot: which arch tags to HEAD while the
+    /// next snapshot lists the tags (a guess, never an answer).
+    last_snapshots: moka::sync::Cache<TargetKey, Arc<Snapshot>>,
+    /// Tag listings in flight, shared by concurrent snapshots.
+    listings: listing::Listings,
 }
 
 impl Merger {
@@ -239,6 +258,11 @@ impl Merger {
                 .build(),
             configs: Cache::builder().max_capacity(100_000).build(),
             mismatches_seen: moka::sync::Cache::new(100_000),
+            last_snapshots: moka::sync::Cache::builder()
+                .weigher(|_k, v: &Arc<Snapshot>| v.len() as u32 + 1)
+                .max_capacity(LAST_SNAPSHOT_CHILDREN)
+                .build(),
+            listings: listing::Listings::default(),
         }
     }
 
@@ -254,12 +278,12 @@ impl Merger {
         self: &Arc<Self>,
         repo: &str,
         arch: &ArchTag,
-        pushed: FetchedManifest,
+        pushed: Pushed<'_>,
         auth: &Auth,
         accepted_at: Instant,
     ) -> Option<String> {
-        self.remember(pushed).await;
-        self.update(repo, &arch.target, auth, accepted_at)
+        self.remember(pushed.manifest.clone()).await;
+        self.update(repo, &arch.target, auth, accepted_at, Some(pushed))
             .await
             .err()
             .map(|e| {
@@ -279,7 +303,7 @@ impl Merger {
         since: Instant,
     ) {
         // Failures are logged, counted and retried inside.
-        let _ = self.update(repo, target, auth, since).await;
+        let _ = self.update(repo, target, auth, since, None).await;
     }
 
     /// Every target that has arch tags in `repo`.
@@ -323,9 +347,10 @@ impl Merger {
         target: &str,
         auth: &Auth,
         since: Instant,
+        pushed: Option<Pushed<'_>>,
     ) -> Result<Outcome, MergeError> {
         let started = Instant::now();
-        match self.converge(repo, target, auth, since).await {
+        match self.converge(repo, target, auth, since, pushed).await {
             Ok(outcome) => {
                 self.metrics.merge(outcome.label());
                 self.metrics
@@ -350,13 +375,15 @@ impl Merger {
     }
 
     /// Rebuild under the target's lock, until a snapshot taken after the
-    /// write equals the one the write was built from.
+    /// write equals the one the write was built from. `pushed` is the arch
+    /// push that asked for it, if any.
     pub async fn converge(
         &self,
         repo: &str,
         target: &str,
         auth: &Auth,
         since: Instant,
+        pushed: Option<Pushed<'_>>,
     ) -> Result<Outcome, MergeError> {
         let key = (repo.to_owned(), target.to_owned());
         // Clone the Arc out so no map guard lives across an await.
@@ -367,7 +394,7 @@ impl Merger {
                 Ok(Outcome::Coalesced)
             } else {
                 let started = Instant::now();
-                let mut r = self.rebuild_until_stable(repo, target, auth).await;
+                let mut r = self.rebuild_until_stable(repo, target, auth, pushed).await;
                 // distribution answers a HEAD of a tag it is still writing
                 // with a 500; such a hiccup is retried at once, so the push
                 // waiting on this merge still returns with its index.
@@ -375,7 +402,7 @@ impl Merger {
                     match &r {
                         Err(e) if e.is_transient() => {
                             tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                            r = self.rebuild_until_stable(repo, target, auth).await;
+                            r = self.rebuild_until_stable(repo, target, auth, None).await;
                         }
                         _ => break,
                     }
@@ -392,22 +419,47 @@ impl Merger {
         result
     }
 
+    /// Rebuild rounds until the snapshot after a write equals the one it
+    /// was built from. The first round reads the snapshot, the target and
+    /// the pushed image's config at once; the verification snapshot HEADs
+    /// the arch tags it expects while it lists the tags. So a push whose
+    /// target already has its other arches costs three round trips after
+    /// the client's own PUT: read, write, verify.
     async fn rebuild_until_stable(
         &self,
         repo: &str,
         target: &str,
         auth: &Auth,
+        pushed: Option<Pushed<'_>>,
     ) -> Result<Outcome, MergeError> {
-        let mut snapshot = self.snapshot(repo, target, auth).await?;
+        let (snapshot, current, ()) = tokio::join!(
+            self.snapshot_with(repo, target, auth, pushed, None),
+            self.upstream.get_manifest(repo, target, auth),
+            self.warm(pushed, auth),
+        );
+        let mut snapshot = snapshot?;
+        let mut current = Some(current?);
         let mut outcome = Outcome::Nothing;
         for _ in 0..MAX_ROUNDS {
-            let this = self.rebuild(repo, target, &snapshot, auth).await?;
+            let (this, wrote) = self
+                .rebuild(repo, target, &snapshot, current.take(), auth)
+                .await?;
             // Keep the most telling outcome across rounds.
             if outcome == Outcome::Nothing || this != Outcome::Unchanged {
                 outcome = this;
             }
-            let after = self.snapshot(repo, target, auth).await?;
-            if after == snapshot {
+            // A rebuild that wrote nothing needs no verification: the target
+            // already said what a snapshot taken after this merge began
+            // calls for, and any writer racing with it verifies its own
+            // write.
+            if !wrote {
+                return Ok(outcome);
+            }
+            let expected = Arc::new(snapshot);
+            let after = self
+                .snapshot_with(repo, target, auth, None, Some(expected.clone()))
+                .await?;
+            if after == *expected {
                 return Ok(outcome);
             }
             snapshot = after;
@@ -415,71 +467,33 @@ impl Merger {
         Err(MergeError::NotConverged(MAX_ROUNDS))
     }
 
-    /// The target's arch tags and their digests, from the registry.
-    pub async fn snapshot(
-        &self,
-        repo: &str,
-        target: &str,
-        auth: &Auth,
-    ) -> Result<Snapshot, MergeError> {
-        let rule = self.rule(repo);
-        let tags = self.upstream.list_tags(repo, auth).await?;
-        // Arch tags in the repository itself, and, under repository
-        // patterns, the target tag in each per-arch repository.
-        let mut sources: Vec<(String, String, ArchTag)> = rule
-            .arch_tags_for_target(tags.iter().map(String::as_str), target)
-            .into_iter()
-            .map(|a| (repo.to_owned(), a.tag.clone(), a))
-            .collect();
-        for (source, alias, platform) in rule.source_repositories(repo) {
-            let arch = ArchTag {
-                tag: format!("{source}:{target}"),
-                alias,
-                platform,
-                target: target.to_owned(),
-            };
-            sources.push((source, target.to_owned(), arch));
-        }
-        let heads = sources.into_iter().map(|(source, tag, arch)| async move {
-            // A per-arch repository these credentials may not read (a token
-            // scoped to other repositories) is unknown, not empty: `plan`
-            // keeps what the index already says about it.
-            let digest = match self.upstream.head_manifest(&source, &tag, auth).await {
-                Err(e) if e.is_auth() && source != repo => Some(None),
-                other => other?.map(Some),
-            };
-            Ok::<_, UpstreamError>(digest.map(|digest| {
-                let child = Child {
-                    repo: source,
-                    arch,
-                    digest,
-                };
-                (child.arch.tag.clone(), child)
-            }))
-        });
-        Ok(try_join_all(heads).await?.into_iter().flatten().collect())
-    }
-
-    /// One rebuild from one snapshot: plan it, then make the registry say it.
+    /// One rebuild from one snapshot: plan it, then make the registry say
+    /// it. `current` is what the target holds, when it was just read.
+    /// Returns what it did, and whether it wrote (or deleted) anything.
     async fn rebuild(
         &self,
         repo: &str,
         target: &str,
         snapshot: &Snapshot,
+        current: Option<Option<FetchedManifest>>,
         auth: &Auth,
-    ) -> Result<Outcome, MergeError> {
+    ) -> Result<(Outcome, bool), MergeError> {
+        let current = match current {
+            Some(c) => c,
+            None => self.upstream.get_manifest(repo, target, auth).await?,
+        };
         let Plan {
             current,
             desired,
             copies,
             ..
-        } = self.plan(repo, target, snapshot, auth).await?;
+        } = self.plan(repo, target, snapshot, current, auth).await?;
         let current_digest = current.as_ref().map(|c| c.digest.as_str());
         let (bytes, media_type, digest, outcome) = match desired {
-            Desired::Nothing => return Ok(Outcome::Nothing),
+            Desired::Nothing => return Ok((Outcome::Nothing, false)),
             Desired::Delete => {
                 let Some(d) = current_digest else {
-                    return Ok(Outcome::Nothing);
+                    return Ok((Outcome::Nothing, false));
                 };
                 // distribution deletes by digest, and a delete takes every tag
                 // on that digest with it: an index also tagged elsewhere by a
@@ -487,10 +501,10 @@ impl Merger {
                 let others = self.other_tags_on(repo, target, d, auth).await?;
                 if !others.is_empty() {
                     tracing::warn!(repo, reference = target, digest = d, also_tagged = ?others, "index has no arch tag left but is tagged elsewhere too; not deleted");
-                    return Ok(Outcome::Unchanged);
+                    return Ok((Outcome::Unchanged, false));
                 }
                 self.upstream.delete_manifest(repo, d, auth).await?;
-                return Ok(Outcome::Removed);
+                return Ok((Outcome::Removed, true));
             }
             Desired::Index(b) => {
                 let media_type = b.media_type.to_owned();
@@ -507,6 +521,7 @@ impl Merger {
         for (from, child) in &copies {
             copy::manifest(&self.upstream, from, repo, child, auth).await?;
         }
+        let mut wrote = false;
         let outcome = if current_digest == Some(digest.as_str()) {
             self.metrics.writes_skipped.inc();
             Outcome::Unchanged
@@ -515,6 +530,7 @@ impl Merger {
                 .put_manifest(repo, target, &media_type, bytes.clone(), auth)
                 .await?;
             tracing::debug!(repo, reference = target, %digest, "index written");
+            wrote = true;
             outcome
         };
         // The same index at the rule's extra targets (e.g. `latest`).
@@ -527,9 +543,10 @@ impl Merger {
                 self.upstream
                     .put_manifest(repo, extra, &media_type, bytes.clone(), auth)
                     .await?;
+                wrote = true;
             }
         }
-        Ok(outcome)
+        Ok((outcome, wrote))
     }
 
     /// Tags other than `target` (and other than arch tags) that point at
@@ -564,15 +581,16 @@ impl Merger {
     /// Managed entries come from the arch tags; entries of what the target
     /// holds that archmerge did not make are kept for every platform no
     /// arch tag provides (amend, never clobber).
+    /// `current` is what the target tag holds (see [`Merger::survey`]).
     pub async fn plan(
         &self,
         repo: &str,
         target: &str,
         snapshot: &Snapshot,
+        current: Option<FetchedManifest>,
         auth: &Auth,
     ) -> Result<Plan, MergeError> {
         let rule = self.rule(repo);
-        let current = self.upstream.get_manifest(repo, target, auth).await?;
         let children = snapshot
             .values()
             .filter_map(|c| Some((c, c.digest.as_deref()?)));

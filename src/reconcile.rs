@@ -13,11 +13,15 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::index::{parse_manifest, read_target_index, Manifest, TargetState};
 use crate::merge::{Merger, Outcome};
 use crate::upstream::{Auth, Upstream, UpstreamError};
+
+/// Targets of one repository rebuilt at once.
+const JOBS: usize = 8;
 
 /// What a reconcile run did.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -45,7 +49,8 @@ pub struct Failure {
 
 /// One finished target, for progress output.
 pub struct Progress<'a> {
-    /// 1-based position among the repository's targets.
+    /// How many of the repository's targets are finished (they finish in
+    /// any order).
     pub done: usize,
     /// Targets of the repository.
     pub of: usize,
@@ -84,11 +89,23 @@ pub async fn run(
             }
         };
         let of = targets.len();
-        for (i, (target_repo, target)) in targets.iter().enumerate() {
-            let result = merger
-                .converge(target_repo, target, auth, Instant::now())
-                .await
-                .map_err(|e| e.to_string());
+        let mut done = 0;
+        // Targets are independent (each converges under its own lock), so
+        // several are rebuilt at once: a rebuild mostly waits on the
+        // registry.
+        let rebuilds: Vec<_> = targets
+            .iter()
+            .map(|(target_repo, target)| async move {
+                let result = merger
+                    .converge(target_repo, target, auth, Instant::now(), None)
+                    .await
+                    .map_err(|e| e.to_string());
+                (target_repo, target, result)
+            })
+            .collect();
+        let mut results = futures_util::stream::iter(rebuilds).buffer_unordered(JOBS);
+        while let Some((target_repo, target, result)) = results.next().await {
+            done += 1;
             match &result {
                 Ok(Outcome::Created) => summary.created += 1,
                 Ok(Outcome::Unchanged | Outcome::Nothing | Outcome::Coalesced) => {
@@ -101,7 +118,7 @@ pub async fn run(
                 }),
             }
             progress(&Progress {
-                done: i + 1,
+                done,
                 of,
                 repo: target_repo,
                 target,

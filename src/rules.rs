@@ -185,6 +185,17 @@ enum Segment {
     Tag,
 }
 
+impl Segment {
+    /// The text this segment stands for, with `{arch}` = `alias` (`{tag}`
+    /// never asks: it is what is left).
+    fn text<'a>(&'a self, alias: &'a str) -> &'a str {
+        match self {
+            Segment::Literal(l) => l,
+            Segment::Arch | Segment::Tag => alias,
+        }
+    }
+}
+
 /// A tag template over `{arch}` and `{tag}` with literal text between them, e.g.
 /// `{arch}_{tag}`, `{arch}`, `{tag}-{arch}`, `{arch}-{tag}`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -279,29 +290,21 @@ impl Pattern {
     /// Once `{arch}` is fixed there is at most one free placeholder, so the match is a prefix
     /// and suffix test: no backtracking, no regex.
     fn match_alias<'t>(&self, tag: &'t str, alias: &str) -> Option<&'t str> {
-        let mut prefix = String::new();
-        let mut suffix = String::new();
-        let mut seen_tag = false;
-        for segment in &self.segments {
-            let text = match segment {
-                Segment::Literal(l) => l.as_str(),
-                Segment::Arch => alias,
-                Segment::Tag => {
-                    seen_tag = true;
-                    continue;
-                }
-            };
-            let side = if seen_tag { &mut suffix } else { &mut prefix };
-            side.push_str(text);
+        // Called for every (alias, pattern) pair of every tag a repository
+        // lists: strips the segments off both ends, allocating nothing.
+        let split = self.segments.iter().position(|s| *s == Segment::Tag);
+        let (before, after) = self.segments.split_at(split.unwrap_or(self.segments.len()));
+        let mut rest = tag;
+        for segment in before {
+            rest = rest.strip_prefix(segment.text(alias))?;
         }
-        if !seen_tag {
-            return (tag == prefix).then_some(DEFAULT_TARGET);
+        if split.is_none() {
+            return rest.is_empty().then_some(DEFAULT_TARGET);
         }
-        if tag.len() < prefix.len() + suffix.len() {
-            return None;
+        for segment in after[1..].iter().rev() {
+            rest = rest.strip_suffix(segment.text(alias))?;
         }
-        tag.strip_prefix(prefix.as_str())?
-            .strip_suffix(suffix.as_str())
+        Some(rest)
     }
 }
 
@@ -384,8 +387,13 @@ impl TagRules {
         tags: impl IntoIterator<Item = &'a str>,
         target: &str,
     ) -> Vec<ArchTag> {
+        // A tag feeds `target` only with `target` inside it, or through a
+        // pattern without `{tag}` (target `latest`): a cheap first cut over
+        // a listing of thousands of tags.
+        let any = target == DEFAULT_TARGET;
         let mut out: Vec<ArchTag> = tags
             .into_iter()
+            .filter(|t| any || t.contains(target))
             .filter_map(|t| self.match_tag(t))
             .filter(|m| m.target == target)
             .collect();

@@ -147,14 +147,17 @@ impl Aggregates {
         self.metrics.cache_misses.get_or_create(&labels).inc();
         let load = async {
             let loaded_from = Instant::now();
-            let snapshot = self.merger.snapshot(repo, target, auth).await?;
+            let (snapshot, current) = self.merger.survey(repo, target, auth).await?;
             if snapshot.values().all(|c| c.digest.is_none()) {
                 return Ok(Aggregate {
                     served: None,
                     loaded_from,
                 });
             }
-            let plan = self.merger.plan(repo, target, &snapshot, auth).await?;
+            let plan = self
+                .merger
+                .plan(repo, target, &snapshot, current, auth)
+                .await?;
             let served = match plan.desired {
                 Desired::Index(built) => {
                     let probe = snapshot

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use moka::future::Cache;
 
-use super::{Current, Facts, MergeError, Merger};
+use super::{Current, Facts, MergeError, Merger, Pushed};
 use crate::index::{
     self, entry_platform, flatten, parse_config_platform, parse_manifest, read_target_index,
     ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, TargetState, ANN_BASE,
@@ -32,6 +32,23 @@ impl Merger {
                 manifest,
             };
             self.manifests.insert(m.digest, Arc::new(facts)).await;
+        }
+    }
+
+    /// Loads the config of the image a client just pushed while the
+    /// snapshot is being taken, so the plan finds its platform cached. A
+    /// failure is not reported here: the plan asks again and reports it.
+    pub(super) async fn warm(&self, pushed: Option<Pushed<'_>>, auth: &Auth) {
+        let Some(p) = pushed else {
+            return;
+        };
+        let Some(facts) = self.manifests.get(&p.manifest.digest).await else {
+            return;
+        };
+        if let Manifest::Image(info) = &facts.manifest {
+            let _ = self
+                .config_platform(p.repo, &info.config_digest, auth)
+                .await;
         }
     }
 

@@ -30,7 +30,10 @@ impl Merger {
             loop {
                 tokio::time::sleep(delay).await;
                 this.metrics.merge_retries.inc();
-                match this.converge(&key.0, &key.1, &auth, Instant::now()).await {
+                match this
+                    .converge(&key.0, &key.1, &auth, Instant::now(), None)
+                    .await
+                {
                     Ok(outcome) => {
                         this.metrics.merge(outcome.label());
                         tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");

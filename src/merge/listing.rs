@@ -1,0 +1,83 @@
+//! Tag listings shared by the rebuilds that need one at the same moment.
+//!
+//! Every snapshot lists the repository's tags, and in a repository with
+//! thousands of tags the listing is the registry's most expensive answer.
+//! A snapshot may use any listing the registry *began* after the snapshot
+//! did: that listing still shows every tag present when the snapshot began.
+//! So concurrent rebuilds of one repository (a reconcile, a CI matrix
+//! pushing every arch at once) share listings: a caller joins the listing in
+//! flight if it began late enough; otherwise it waits for that one to end
+//! and joins the next, which begins after it — one listing serves everyone
+//! who asked while the previous one ran. Listings are shared only between
+//! callers with the same credentials, and never kept once answered.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+
+use crate::upstream::{Auth, Upstream, UpstreamError};
+
+type Listed = Result<Arc<Vec<String>>, UpstreamError>;
+
+/// One listing request, from the moment it was made.
+struct Flight {
+    /// Set before the request is sent.
+    began: Instant,
+    result: Shared<BoxFuture<'static, Listed>>,
+}
+
+/// The listings in flight, by repository and identity.
+#[derive(Default)]
+pub(super) struct Listings {
+    flights: DashMap<(String, [u8; 32]), Arc<Flight>>,
+}
+
+impl Listings {
+    /// The tags of `repo`, from a listing the registry began at or after
+    /// `since`, made with `auth`'s credentials.
+    pub(super) async fn tags(
+        &self,
+        upstream: &Upstream,
+        repo: &str,
+        auth: &Auth,
+        since: Instant,
+    ) -> Listed {
+        let key = (repo.to_owned(), auth.fingerprint());
+        loop {
+            // Decide under the map's entry lock, await outside it.
+            let (flight, fresh) = match self.flights.entry(key.clone()) {
+                Entry::Occupied(e) => {
+                    let f = e.get().clone();
+                    let fresh = f.began >= since;
+                    (f, fresh)
+                }
+                Entry::Vacant(v) => {
+                    let f = Arc::new(Flight::start(upstream, repo, auth));
+                    v.insert(f.clone());
+                    (f, true)
+                }
+            };
+            let result = flight.result.clone().await;
+            self.flights
+                .remove_if(&key, |_, current| Arc::ptr_eq(current, &flight));
+            if fresh {
+                return result;
+            }
+            // That listing began too early for this caller: the next one.
+        }
+    }
+}
+
+impl Flight {
+    fn start(upstream: &Upstream, repo: &str, auth: &Auth) -> Flight {
+        let (upstream, repo, auth) = (upstream.clone(), repo.to_owned(), auth.clone());
+        let began = Instant::now();
+        let result = async move { upstream.list_tags(&repo, &auth).await.map(Arc::new) }
+            .boxed()
+            .shared();
+        Flight { began, result }
+    }
+}

@@ -1,0 +1,171 @@
+//! Taking a target's snapshot — its arch tags and the digest each points at
+//! — in one round trip when archmerge has seen the target before.
+//!
+//! A snapshot needs the repository's tag list (which arch tags exist) and a
+//! HEAD of every arch tag (what each points at). Done in that order it costs
+//! two round trips; but the arch tags a target had at its last snapshot are
+//! almost always the ones it has now, so those are HEADed *while* the tags
+//! are listed, and only an arch tag the listing shows that was not expected
+//! costs a second round trip. The expectation is only a guess about what to
+//! ask: every tag comes from the listing and every digest from a HEAD made
+//! for this snapshot (with this request's credentials), so the snapshot is
+//! exactly what the registry said after the snapshot began. The one digest
+//! not asked for is the one the registry has just accepted in the push that
+//! triggered the merge; if another push moved that tag meanwhile, the
+//! verification snapshot after the write sees it and the merge runs again.
+//! The listing itself may be shared with concurrent snapshots (`listing`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::future::join_all;
+
+use super::{Child, MergeError, Merger, Snapshot};
+use crate::rules::ArchTag;
+use crate::upstream::{Auth, FetchedManifest, UpstreamError};
+
+/// A manifest the registry has just accepted at a tag.
+#[derive(Clone, Copy, Debug)]
+pub struct Pushed<'a> {
+    /// The repository it was pushed to (a per-arch repository under a
+    /// repository pattern).
+    pub repo: &'a str,
+    /// The tag it was pushed to.
+    pub tag: &'a str,
+    /// The manifest.
+    pub manifest: &'a FetchedManifest,
+}
+
+/// What a HEAD of one source found: absent (`None`), or its digest, which
+/// is itself `None` when these credentials may not read that per-arch
+/// repository (unknown, not empty: `plan` keeps what the index already
+/// says about it).
+type Found = Result<Option<Option<String>>, UpstreamError>;
+
+impl Merger {
+    /// The target's arch tags and their digests, from the registry.
+    pub async fn snapshot(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+    ) -> Result<Snapshot, MergeError> {
+        self.snapshot_with(repo, target, auth, None, None).await
+    }
+
+    /// A snapshot, HEADing the arch tags of `expected` (by default the
+    /// target's last snapshot) while the tags are listed, and taking the
+    /// digest of `pushed` as the registry's answer gave it.
+    pub(super) async fn snapshot_with(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        pushed: Option<Pushed<'_>>,
+        expected: Option<Arc<Snapshot>>,
+    ) -> Result<Snapshot, MergeError> {
+        let began = Instant::now();
+        let key = (repo.to_owned(), target.to_owned());
+        let expected = expected.or_else(|| self.last_snapshots.get(&key));
+        let known = |source: &str, tag: &str| {
+            pushed
+                .filter(|p| p.repo == source && p.tag == tag)
+                .map(|p| p.manifest.digest.clone())
+        };
+        let rule = self.rule(repo);
+
+        // Under repository patterns, the target tag of each per-arch
+        // repository: known without a listing.
+        let patterned =
+            rule.source_repositories(repo)
+                .into_iter()
+                .map(|(source, alias, platform)| {
+                    let arch = ArchTag {
+                        tag: format!("{source}:{target}"),
+                        alias,
+                        platform,
+                        target: target.to_owned(),
+                    };
+                    async move {
+                        let found = match known(&source, target) {
+                            Some(d) => Ok(Some(Some(d))),
+                            None => self.head(repo, &source, target, auth).await,
+                        };
+                        (source, arch, found)
+                    }
+                });
+        // The arch tags of this repository the target had last time.
+        let early: Vec<&str> = expected
+            .iter()
+            .flat_map(|s| s.values())
+            .filter(|c| c.repo == repo && known(repo, &c.arch.tag).is_none())
+            .map(|c| c.arch.tag.as_str())
+            .collect();
+        let early = early
+            .into_iter()
+            .map(|tag| async move { (tag.to_owned(), self.head(repo, repo, tag, auth).await) });
+        let (tags, early, patterned) = tokio::join!(
+            self.listings.tags(&self.upstream, repo, auth, began),
+            join_all(early),
+            join_all(patterned),
+        );
+        let tags = tags?;
+        let mut early: HashMap<String, Found> = early.into_iter().collect();
+
+        // Every arch tag the listing shows: its digest from the push, from
+        // the early HEAD, or from a HEAD now (an arch tag not expected).
+        let local = rule
+            .arch_tags_for_target(tags.iter().map(String::as_str), target)
+            .into_iter()
+            .map(|arch| {
+                let found = early.remove(&arch.tag);
+                let pushed = known(repo, &arch.tag);
+                async move {
+                    let found = match (pushed, found) {
+                        (Some(d), _) => Ok(Some(Some(d))),
+                        (None, Some(found)) => found,
+                        (None, None) => self.head(repo, repo, &arch.tag, auth).await,
+                    };
+                    (repo.to_owned(), arch, found)
+                }
+            });
+        let local = join_all(local).await;
+
+        let mut snapshot = Snapshot::new();
+        for (source, arch, found) in local.into_iter().chain(patterned) {
+            if let Some(digest) = found? {
+                let child = Child {
+                    repo: source,
+                    arch,
+                    digest,
+                };
+                snapshot.insert(child.arch.tag.clone(), child);
+            }
+        }
+        self.last_snapshots.insert(key, Arc::new(snapshot.clone()));
+        Ok(snapshot)
+    }
+
+    /// HEAD of one source's tag.
+    async fn head(&self, repo: &str, source: &str, tag: &str, auth: &Auth) -> Found {
+        match self.upstream.head_manifest(source, tag, auth).await {
+            Err(e) if e.is_auth() && source != repo => Ok(Some(None)),
+            other => Ok(other?.map(Some)),
+        }
+    }
+
+    /// A snapshot and what the target tag holds, read at the same time.
+    pub async fn survey(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+    ) -> Result<(Snapshot, Option<FetchedManifest>), MergeError> {
+        let (snapshot, current) = tokio::join!(
+            self.snapshot(repo, target, auth),
+            self.upstream.get_manifest(repo, target, auth),
+        );
+        Ok((snapshot?, current?))
+    }
+}
