@@ -193,7 +193,7 @@ wait_ready nginx "$nginx_port" "$nginx_pid" "$tmp/nginx/error.log"
 # As it is deployed: default settings, the access log at info.
 
 note "starting archmerge on 127.0.0.1:$archmerge_port"
-TOKIO_WORKER_THREADS=${XTHREADS:-2} "$archmerge_bin" serve \
+"$archmerge_bin" serve \
     --listen "127.0.0.1:$archmerge_port" \
     --upstream "http://127.0.0.1:$registry_port" \
     --admin-listen "127.0.0.1:$admin_port" \
