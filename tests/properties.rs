@@ -21,6 +21,7 @@ use archmerge::index::{
 use archmerge::oci::{is_valid_name, is_valid_tag};
 use archmerge::platform::{Platform, PlatformKey};
 use archmerge::route::{self, Reference, Route};
+use archmerge::rules::{AliasTable, Pattern, TagRules};
 use oci_spec::image::{Descriptor, Digest, MediaType};
 use proptest::prelude::*;
 
@@ -331,6 +332,35 @@ proptest! {
             route::parse(&path).unwrap(),
             Route::Manifest { name, reference: Reference::Tag(tag) }
         );
+    }
+
+    /// The arch tags that feed a target are exactly the tags whose match
+    /// names that target, under any patterns: the cheap first cut over a
+    /// listing never drops one.
+    #[test]
+    fn the_arch_tags_of_a_target_are_those_whose_match_names_it(
+        patterns in prop::collection::vec(
+            prop::sample::select(vec!["{arch}_{tag}", "{tag}-{arch}", "{arch}", "v{tag}.{arch}", "{arch}-{tag}-x"]),
+            1..4,
+        ),
+        tags in prop::collection::vec("(aarch64|x86_64|arm64|amd64|armhf|x86|latest|v1|v1.2)([_.-](aarch64|x86_64|amd64|x86|latest|v1|v1.2|x)){0,3}", 0..40),
+        target in prop::sample::select(vec!["latest", "v1", "v1.2", "x", "1.2"]),
+    ) {
+        let patterns: Vec<Pattern> = patterns.iter().map(|p| Pattern::parse(p).unwrap()).collect();
+        let rules = TagRules::new(AliasTable::default_table(), patterns);
+        let mut want: Vec<String> = tags
+            .iter()
+            .filter(|t| rules.match_tag(t).is_some_and(|m| m.target == target))
+            .cloned()
+            .collect();
+        want.sort();
+        want.dedup();
+        let got: Vec<String> = rules
+            .arch_tags_for_target(tags.iter().map(String::as_str), target)
+            .into_iter()
+            .map(|m| m.tag)
+            .collect();
+        prop_assert_eq!(got, want);
     }
 }
 
