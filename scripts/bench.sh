@@ -89,13 +89,16 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A loopback port nothing answers on (bounded tries).
+# A loopback port nothing answers on and not handed out before (bounded
+# tries), in $REPLY.
+taken_ports=" "
 free_port() {
     local p
     for _ in $(seq 50); do
         p=$((20000 + RANDOM % 40000))
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            echo "$p"
+        if [[ $taken_ports != *" $p "* ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+            taken_ports+="$p "
+            REPLY=$p
             return 0
         fi
     done
@@ -125,10 +128,12 @@ $(tail -n 20 "$log")"
 $(tail -n 20 "$log")"
 }
 
-registry_port=$(free_port)
-nginx_port=$(free_port)
-archmerge_port=$(free_port)
-admin_port=$(free_port)
+free_port; registry_port=$REPLY
+free_port; nginx_port=$REPLY
+free_port; archmerge_port=$REPLY
+free_port; admin_port=$REPLY
+free_port; serve_port=$REPLY
+free_port; serve_admin_port=$REPLY
 
 # distribution reads REGISTRY_* and archmerge ARCHMERGE_* variables as
 # overrides; this run uses only its own settings.
@@ -202,6 +207,17 @@ archmerge_pid=$!
 pids+=("$archmerge_pid")
 wait_ready archmerge "$archmerge_port" "$archmerge_pid" "$tmp/archmerge.log"
 
+# A second archmerge in serve mode, for the index GET phase only.
+note "starting archmerge --mode serve on 127.0.0.1:$serve_port"
+"$archmerge_bin" serve --mode serve \
+    --listen "127.0.0.1:$serve_port" \
+    --upstream "http://127.0.0.1:$registry_port" \
+    --admin-listen "127.0.0.1:$serve_admin_port" \
+    >"$tmp/archmerge-serve.log" 2>&1 &
+serve_pid=$!
+pids+=("$serve_pid")
+wait_ready "archmerge --mode serve" "$serve_port" "$serve_pid" "$tmp/archmerge-serve.log"
+
 # === the run ===
 
 perf_pid=
@@ -224,6 +240,8 @@ mkdir -p target/bench
     --registry-pid "$registry_pid" \
     --nginx-pid "$nginx_pid" \
     --archmerge-pid "$archmerge_pid" \
+    --serve "127.0.0.1:$serve_port" \
+    --serve-pid "$serve_pid" \
     --archmerge-bin "$archmerge_bin" \
     --registry-data "$tmp/registry/data" | tee target/bench/last-run.txt
 note "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"

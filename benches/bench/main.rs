@@ -17,7 +17,7 @@
 //! Knobs (environment): `BENCH_QUICK=1` for a smoke run; `BENCH_ROUNDS`,
 //! `BENCH_BLOB_MIB`, `BENCH_GET_SLICES`, `BENCH_GET_SECS`, `BENCH_PUTS`,
 //! `BENCH_SCALE_TARGETS`, `BENCH_BIG_MIB`; `BENCH_ONLY=get,put,blobs,rss,
-//! scale,index` runs only those phases.
+//! scale,index,serve` runs only those phases.
 
 mod client;
 mod load;
@@ -42,6 +42,9 @@ struct Settings {
     registry_pid: u32,
     nginx_pid: u32,
     archmerge_pid: u32,
+    /// A second archmerge, in serve mode, in front of the same registry.
+    serve: Target,
+    serve_pid: u32,
     archmerge_bin: PathBuf,
     registry_data: PathBuf,
     rounds: usize,
@@ -117,11 +120,16 @@ impl Settings {
             registry_pid: pid("registry-pid"),
             nginx_pid: pid("nginx-pid"),
             archmerge_pid: pid("archmerge-pid"),
+            serve: Target {
+                name: "serve",
+                addr: addr("serve")?,
+            },
+            serve_pid: pid("serve-pid"),
             archmerge_bin: get("archmerge-bin")?.into(),
             registry_data: get("registry-data")?.into(),
             rounds: env_or("BENCH_ROUNDS", pick(quick, 5, 2)),
             blob_mib: env_or("BENCH_BLOB_MIB", pick(quick, 256, 32)),
-            get_slices: env_or("BENCH_GET_SLICES", pick(quick, 3, 1)),
+            get_slices: env_or("BENCH_GET_SLICES", pick(quick, 5, 1)),
             get_secs: env_or("BENCH_GET_SECS", pick(quick, 2.0, 1.0)),
             get_conns: env_or("BENCH_GET_CONNS", 32),
             puts: env_or("BENCH_PUTS", pick(quick, 50, 10)),
@@ -324,6 +332,124 @@ async fn manifest_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         "manifest GET >= 0.9x direct",
         format!("{ratio:.2}x ({:.0} vs {:.0} req/s)", rps[2], rps[0]),
         ratio >= 0.9,
+    );
+    Ok(())
+}
+
+/// GET of a target's index by 32 connections: the index write mode stored
+/// (straight from the registry, and forwarded by archmerge), and the same
+/// index synthesized by archmerge in serve mode, which asks the registry to
+/// authorize every GET and revalidates its aggregate once per staleness
+/// period.
+async fn index_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let repo = "bench/index";
+    let archmerge = &s.targets[2];
+    let mut conn = Conn::open(archmerge.addr).await?;
+    let images = registry::Images::seed(&mut conn, repo).await?;
+    for (alias, ..) in registry::ARCHES.iter().take(4) {
+        let bytes = images.manifest(alias, "index");
+        registry::put_manifest(&mut conn, repo, &format!("{alias}_v1"), bytes).await?;
+    }
+    let path = format!("/v2/{repo}/manifests/v1");
+    // The two modes must serve the same bytes.
+    let mut bodies = Vec::new();
+    for t in [&s.targets[0], &s.serve] {
+        let mut c = Conn::open(t.addr).await?;
+        let (parts, body) = c
+            .call(
+                Method::GET,
+                &path,
+                &[("accept", registry::ACCEPT_MANIFESTS)],
+                client::empty(),
+            )
+            .await?;
+        client::expect(
+            &format!("GET the index via {}", t.name),
+            &parts,
+            &body,
+            StatusCode::OK,
+        )?;
+        bodies.push(body);
+    }
+    if bodies[0] != bodies[1] {
+        bail!("serve mode answers other bytes than the index write mode stored");
+    }
+    let targets = [&s.targets[0], archmerge, &s.serve];
+    let meter = CpuMeter::new(&[s.registry_pid, s.archmerge_pid, s.serve_pid]);
+    let pids = [0, s.archmerge_pid, s.serve_pid];
+    let mut stats: Vec<LoadStats> = (0..3).map(|_| LoadStats::default()).collect();
+    let mut cpu = [[0.0f64; 2]; 3];
+    let mut all_requests = [0u64; 3];
+    let warm = Duration::from_millis(500);
+    let measure = Duration::from_secs_f64(s.get_secs);
+    for slice in 0..s.get_slices {
+        for k in 0..3 {
+            let i = (k + slice) % 3;
+            let t = targets[i];
+            let (reg0, px0) = (meter.seconds(s.registry_pid), meter.seconds(pids[i]));
+            let st = load::get_load(
+                t.addr,
+                &path,
+                registry::ACCEPT_MANIFESTS,
+                s.get_conns,
+                warm,
+                measure,
+            )
+            .await?;
+            cpu[i][0] += meter.seconds(s.registry_pid) - reg0;
+            cpu[i][1] += meter.seconds(pids[i]) - px0;
+            all_requests[i] +=
+                (st.ok as f64 * (warm + measure).as_secs_f64() / measure.as_secs_f64()) as u64;
+            say(format!(
+                "index GET {:<9} slice {}: {:>8.0} req/s, {} errors",
+                t.name,
+                slice + 1,
+                st.rps(),
+                st.errors
+            ));
+            stats[i].merge(st);
+        }
+    }
+    for (i, st) in stats.iter().enumerate() {
+        if st.errors > 0 {
+            res.notes.push(format!(
+                "index GET via {}: {} errors",
+                targets[i].name, st.errors
+            ));
+        }
+    }
+    let rps: Vec<f64> = stats.iter().map(LoadStats::rps).collect();
+    let p50: Vec<f64> = stats.iter_mut().map(|st| st.pct_ms(0.50)).collect();
+    let per_req = |i: usize, k: usize| Some(cpu[i][k] * 1e6 / all_requests[i].max(1) as f64);
+    res.row(
+        "index GET req/s, write mode (stored)",
+        [Some(rps[0]), None, Some(rps[1])],
+        true,
+        0,
+    );
+    res.row(
+        "index GET req/s, serve mode (synthesized)",
+        [Some(rps[0]), None, Some(rps[2])],
+        true,
+        0,
+    );
+    res.row(
+        "index GET p50 ms, serve mode",
+        [Some(p50[0]), None, Some(p50[2])],
+        true,
+        2,
+    );
+    res.row(
+        "index GET CPU us/req, serve mode: registry",
+        [per_req(0, 0), None, per_req(2, 0)],
+        false,
+        0,
+    );
+    res.row(
+        "index GET CPU us/req, serve mode: archmerge",
+        [None, None, per_req(2, 1)],
+        false,
+        0,
     );
     Ok(())
 }
@@ -733,6 +859,10 @@ async fn main() -> anyhow::Result<()> {
     if run("get") {
         say("manifest GET");
         manifest_get(&s, &mut res).await.context("manifest GET")?;
+    }
+    if run("serve") {
+        say("index GET, write and serve mode");
+        index_get(&s, &mut res).await.context("index GET")?;
     }
     if run("put") {
         say("manifest PUT");

@@ -60,14 +60,35 @@ impl Listings {
                     (f, true)
                 }
             };
+            // The entry goes once answered, even if this caller is
+            // cancelled while waiting (a client that went away).
+            let done = Done {
+                flights: &self.flights,
+                key: &key,
+                flight: &flight,
+            };
             let result = flight.result.clone().await;
-            self.flights
-                .remove_if(&key, |_, current| Arc::ptr_eq(current, &flight));
+            drop(done);
             if fresh {
                 return result;
             }
             // That listing began too early for this caller: the next one.
         }
+    }
+}
+
+/// Removes a flight from the map when dropped, if it is still the one
+/// there.
+struct Done<'a> {
+    flights: &'a DashMap<(String, [u8; 32]), Arc<Flight>>,
+    key: &'a (String, [u8; 32]),
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Done<'_> {
+    fn drop(&mut self) {
+        self.flights
+            .remove_if(self.key, |_, current| Arc::ptr_eq(current, self.flight));
     }
 }
 
