@@ -90,12 +90,14 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # A loopback port nothing answers on and not handed out before (bounded
-# tries), in $REPLY.
+# tries), in $REPLY. Below the kernel's ephemeral range, so no outgoing
+# connection holds it when the server binds.
 taken_ports=" "
+ephemeral_low=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
 free_port() {
     local p
     for _ in $(seq 50); do
-        p=$((20000 + RANDOM % 40000))
+        p=$((10000 + RANDOM % (ephemeral_low - 10000)))
         if [[ $taken_ports != *" $p "* ]] && ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
             taken_ports+="$p "
             REPLY=$p
