@@ -8,8 +8,9 @@
 #   2. builds archmerge (release) and the load generator (benches/bench/),
 #   3. starts, on free loopback ports and with everything in one temp dir:
 #      the registry (its own config), nginx in front of it (bench/nginx.conf,
-#      run as the current user, never the system config or service) and
-#      archmerge in front of it,
+#      run as the current user, never the system config or service),
+#      archmerge in front of it, and a second archmerge in serve mode (for
+#      the index GET phase only),
 #   4. runs the load generator against all three (see benches/bench/main.rs
 #      for what it measures and the BENCH_* knobs; BENCH_QUICK=1 is a smoke
 #      run of about a minute),

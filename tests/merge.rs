@@ -700,6 +700,44 @@ async fn repush_replaces_its_entry_and_identical_repush_writes_nothing() {
     );
 }
 
+/// The next push after arch tags changed behind archmerge's back sees the
+/// registry as it is, not as archmerge last saw it: archmerge HEADs the arch
+/// tags its last snapshot had while it lists the tags, so an arch tag gone
+/// from the registry, one moved and one new must all show.
+#[tokio::test]
+async fn a_push_sees_arch_tags_changed_straight_at_the_registry_since_the_last_merge() {
+    let s = Stack::new();
+    let c = http();
+    let (via, direct) = (s.proxy.url(), s.registry.url());
+    let repo = "behind/app";
+    let amd = push_small_image(&c, &via, repo, "x86_64_v1", "amd64", 310).await;
+    let arm = push_small_image(&c, &via, repo, "aarch64_v1", "arm64", 311).await;
+    let ppc = push_small_image(&c, &via, repo, "ppc64le_v1", "ppc64le", 312).await;
+    assert_eq!(s.index(repo, "v1").await.pairs().len(), 3);
+
+    // Straight at the registry: ppc64le's manifest deleted (its tag with
+    // it), aarch64 moved to another image, s390x added.
+    delete_manifest(&direct, repo, &ppc.digest).await;
+    let arm2 = push_small_image(&c, &direct, repo, "aarch64_v1", "arm64", 313).await;
+    let s390x = push_small_image(&c, &direct, repo, "s390x_v1", "s390x", 314).await;
+    assert_ne!(arm2.digest, arm.digest);
+
+    // The next push through archmerge.
+    let amd2 = push_small_image(&c, &via, repo, "x86_64_v1", "amd64", 315).await;
+    assert_ne!(amd2.digest, amd.digest);
+    let index = s.index(repo, "v1").await;
+    assert_eq!(
+        index.pairs(),
+        pairs([
+            ("linux/amd64", &amd2.digest),
+            ("linux/arm64/v8", &arm2.digest),
+            ("linux/s390x", &s390x.digest),
+        ]),
+        "{}",
+        index.text()
+    );
+}
+
 // === 4. push order ===
 
 #[tokio::test]
