@@ -251,48 +251,81 @@ impl Results {
 
 // === phases ===
 
-async fn manifest_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
-    let repo = "bench/get";
-    let mut conn = Conn::open(s.targets[0].addr).await?;
-    let images = registry::Images::seed(&mut conn, repo).await?;
-    registry::put_manifest(&mut conn, repo, "v1", images.manifest("x86_64", "get")).await?;
-    let path = format!("/v2/{repo}/manifests/v1");
-    let meter = CpuMeter::new(&[s.registry_pid, s.nginx_pid, s.archmerge_pid]);
-    let mut stats: Vec<LoadStats> = (0..3).map(|_| LoadStats::default()).collect();
-    let mut cpu = [[0.0f64; 2]; 3];
-    let mut all_requests = [0u64; 3];
+/// What [`interleaved_get`] measured, per target.
+struct Interleaved {
+    stats: Vec<LoadStats>,
+    /// CPU seconds of (the registry, the target's own process).
+    cpu: [[f64; 2]; 3],
+    /// Requests answered over warm-up and window alike (what the CPU
+    /// figures cover).
+    requests: [u64; 3],
+}
+
+/// GET `path` with `s.get_conns` connections through three targets in
+/// slices, the order rotated each slice, measuring the registry's CPU and
+/// that of each target's own process (`pids`, 0 for none).
+async fn interleaved_get(
+    s: &Settings,
+    label: &str,
+    targets: [&Target; 3],
+    pids: [u32; 3],
+    path: &str,
+) -> anyhow::Result<Interleaved> {
+    let mut all = vec![s.registry_pid];
+    all.extend(pids);
+    let meter = CpuMeter::new(&all);
+    let mut out = Interleaved {
+        stats: (0..3).map(|_| LoadStats::default()).collect(),
+        cpu: [[0.0; 2]; 3],
+        requests: [0; 3],
+    };
     let warm = Duration::from_millis(500);
     let measure = Duration::from_secs_f64(s.get_secs);
     for slice in 0..s.get_slices {
-        for (i, t) in rotated(&s.targets, slice) {
-            let (reg0, px0) = (
-                meter.seconds(s.registry_pid),
-                meter.seconds(proxy_pid(s, i)),
-            );
+        for k in 0..3 {
+            let i = (k + slice) % 3;
+            let t = targets[i];
+            let (reg0, px0) = (meter.seconds(s.registry_pid), meter.seconds(pids[i]));
             let st = load::get_load(
                 t.addr,
-                &path,
+                path,
                 registry::ACCEPT_MANIFESTS,
                 s.get_conns,
                 warm,
                 measure,
             )
             .await?;
-            cpu[i][0] += meter.seconds(s.registry_pid) - reg0;
-            cpu[i][1] += meter.seconds(proxy_pid(s, i)) - px0;
+            out.cpu[i][0] += meter.seconds(s.registry_pid) - reg0;
+            out.cpu[i][1] += meter.seconds(pids[i]) - px0;
             // CPU is read over warm-up and window alike; scale the count.
-            all_requests[i] +=
+            out.requests[i] +=
                 (st.ok as f64 * (warm + measure).as_secs_f64() / measure.as_secs_f64()) as u64;
             say(format!(
-                "GET {:<9} slice {}: {:>8.0} req/s, {} errors",
+                "{label} {:<9} slice {}: {:>8.0} req/s, {} errors",
                 t.name,
                 slice + 1,
                 st.rps(),
                 st.errors
             ));
-            stats[i].merge(st);
+            out.stats[i].merge(st);
         }
     }
+    Ok(out)
+}
+
+async fn manifest_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let repo = "bench/get";
+    let mut conn = Conn::open(s.targets[0].addr).await?;
+    let images = registry::Images::seed(&mut conn, repo).await?;
+    registry::put_manifest(&mut conn, repo, "v1", images.manifest("x86_64", "get")).await?;
+    let path = format!("/v2/{repo}/manifests/v1");
+    let targets = [&s.targets[0], &s.targets[1], &s.targets[2]];
+    let pids = [0, s.nginx_pid, s.archmerge_pid];
+    let Interleaved {
+        mut stats,
+        cpu,
+        requests: all_requests,
+    } = interleaved_get(s, "GET", targets, pids, &path).await?;
     let rps: Vec<f64> = stats.iter().map(LoadStats::rps).collect();
     let mut p50 = [0.0; 3];
     let mut p99 = [0.0; 3];
@@ -375,41 +408,12 @@ async fn index_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         bail!("serve mode answers other bytes than the index write mode stored");
     }
     let targets = [&s.targets[0], archmerge, &s.serve];
-    let meter = CpuMeter::new(&[s.registry_pid, s.archmerge_pid, s.serve_pid]);
     let pids = [0, s.archmerge_pid, s.serve_pid];
-    let mut stats: Vec<LoadStats> = (0..3).map(|_| LoadStats::default()).collect();
-    let mut cpu = [[0.0f64; 2]; 3];
-    let mut all_requests = [0u64; 3];
-    let warm = Duration::from_millis(500);
-    let measure = Duration::from_secs_f64(s.get_secs);
-    for slice in 0..s.get_slices {
-        for k in 0..3 {
-            let i = (k + slice) % 3;
-            let t = targets[i];
-            let (reg0, px0) = (meter.seconds(s.registry_pid), meter.seconds(pids[i]));
-            let st = load::get_load(
-                t.addr,
-                &path,
-                registry::ACCEPT_MANIFESTS,
-                s.get_conns,
-                warm,
-                measure,
-            )
-            .await?;
-            cpu[i][0] += meter.seconds(s.registry_pid) - reg0;
-            cpu[i][1] += meter.seconds(pids[i]) - px0;
-            all_requests[i] +=
-                (st.ok as f64 * (warm + measure).as_secs_f64() / measure.as_secs_f64()) as u64;
-            say(format!(
-                "index GET {:<9} slice {}: {:>8.0} req/s, {} errors",
-                t.name,
-                slice + 1,
-                st.rps(),
-                st.errors
-            ));
-            stats[i].merge(st);
-        }
-    }
+    let Interleaved {
+        mut stats,
+        cpu,
+        requests: all_requests,
+    } = interleaved_get(s, "index GET", targets, pids, &path).await?;
     for (i, st) in stats.iter().enumerate() {
         if st.errors > 0 {
             res.notes.push(format!(
