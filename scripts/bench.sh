@@ -200,26 +200,28 @@ wait_ready nginx "$nginx_port" "$nginx_pid" "$tmp/nginx/error.log"
 # === archmerge ===
 # As it is deployed: default settings, the access log at info.
 
-note "starting archmerge on 127.0.0.1:$archmerge_port"
-"$archmerge_bin" serve \
-    --listen "127.0.0.1:$archmerge_port" \
-    --upstream "http://127.0.0.1:$registry_port" \
-    --admin-listen "127.0.0.1:$admin_port" \
-    >"$tmp/archmerge.log" 2>&1 &
-archmerge_pid=$!
-pids+=("$archmerge_pid")
-wait_ready archmerge "$archmerge_port" "$archmerge_pid" "$tmp/archmerge.log"
+# start_archmerge NAME PORT ADMIN_PORT LOG [FLAG…]: starts one archmerge in
+# front of the registry and waits until it answers; its pid in $REPLY.
+start_archmerge() {
+    local name=$1 port=$2 admin=$3 log=$4
+    shift 4
+    note "starting $name on 127.0.0.1:$port"
+    "$archmerge_bin" serve "$@" \
+        --listen "127.0.0.1:$port" \
+        --upstream "http://127.0.0.1:$registry_port" \
+        --admin-listen "127.0.0.1:$admin" \
+        >"$log" 2>&1 &
+    REPLY=$!
+    pids+=("$REPLY")
+    wait_ready "$name" "$port" "$REPLY" "$log"
+}
 
+start_archmerge archmerge "$archmerge_port" "$admin_port" "$tmp/archmerge.log"
+archmerge_pid=$REPLY
 # A second archmerge in serve mode, for the index GET phase only.
-note "starting archmerge --mode serve on 127.0.0.1:$serve_port"
-"$archmerge_bin" serve --mode serve \
-    --listen "127.0.0.1:$serve_port" \
-    --upstream "http://127.0.0.1:$registry_port" \
-    --admin-listen "127.0.0.1:$serve_admin_port" \
-    >"$tmp/archmerge-serve.log" 2>&1 &
-serve_pid=$!
-pids+=("$serve_pid")
-wait_ready "archmerge --mode serve" "$serve_port" "$serve_pid" "$tmp/archmerge-serve.log"
+start_archmerge "archmerge --mode serve" "$serve_port" "$serve_admin_port" \
+    "$tmp/archmerge-serve.log" --mode serve
+serve_pid=$REPLY
 
 # === the run ===
 
