@@ -432,13 +432,8 @@ impl Merger {
         auth: &Auth,
         pushed: Option<Pushed<'_>>,
     ) -> Result<Outcome, MergeError> {
-        let (snapshot, current, ()) = tokio::join!(
-            self.snapshot_with(repo, target, auth, pushed, None),
-            self.upstream.get_manifest(repo, target, auth),
-            self.warm(pushed, auth),
-        );
-        let mut snapshot = snapshot?;
-        let mut current = Some(current?);
+        let (mut snapshot, current) = self.survey_with(repo, target, auth, pushed).await?;
+        let mut current = Some(current);
         let mut outcome = Outcome::Nothing;
         for _ in 0..MAX_ROUNDS {
             let (this, wrote) = self

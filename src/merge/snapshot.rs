@@ -162,9 +162,22 @@ impl Merger {
         target: &str,
         auth: &Auth,
     ) -> Result<(Snapshot, Option<FetchedManifest>), MergeError> {
-        let (snapshot, current) = tokio::join!(
-            self.snapshot(repo, target, auth),
+        self.survey_with(repo, target, auth, None).await
+    }
+
+    /// [`Merger::survey`] after `pushed` was accepted (whose image config
+    /// is loaded meanwhile, for the plan that follows).
+    pub(super) async fn survey_with(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        pushed: Option<Pushed<'_>>,
+    ) -> Result<(Snapshot, Option<FetchedManifest>), MergeError> {
+        let (snapshot, current, ()) = tokio::join!(
+            self.snapshot_with(repo, target, auth, pushed, None),
             self.upstream.get_manifest(repo, target, auth),
+            self.warm(pushed, auth),
         );
         Ok((snapshot?, current?))
     }
