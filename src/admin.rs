@@ -29,8 +29,8 @@ use tokio::net::TcpListener;
 
 use http_body_util::{BodyExt, Limited};
 
+use crate::app::App;
 use crate::body::{self, Body};
-use crate::server::App;
 use crate::upstream::Auth;
 use crate::{events, reconcile};
 

@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::app::App;
 use crate::config::Mode;
 use crate::ruleset::RuleSet;
-use crate::server::App;
 use crate::upstream::Auth;
 
 /// How long a pushed tag is awaited before its target is rebuilt anyway.

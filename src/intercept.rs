@@ -17,6 +17,7 @@ use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
+use crate::app::App;
 use crate::body::{self, Body};
 use crate::config::Mode;
 use crate::error::ProxyError;
@@ -24,7 +25,6 @@ use crate::forward::{self, proxy_error, ClientSide};
 use crate::merge::Pushed;
 use crate::oci::MAX_MANIFEST_BYTES;
 use crate::route::Reference;
-use crate::server::App;
 use crate::upstream::{Auth, FetchedManifest};
 
 /// A manifest PUT: buffer, forward, merge when it was an arch tag, answer.

@@ -13,6 +13,7 @@
 //!
 //! - `main.rs` — CLI → config → telemetry → bind → [`server::run`].
 //! - [`config`] — flags, `ARCHMERGE_*` env and TOML → validated [`config::Config`].
+//! - [`app`] — the state every handler shares.
 //! - [`server`] — accept loop, HTTP/1.1 + HTTP/2, dispatch, graceful shutdown.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
@@ -56,6 +57,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod app;
 pub mod body;
 pub mod config;
 pub mod error;

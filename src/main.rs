@@ -9,8 +9,9 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
 use archmerge::admin;
+use archmerge::app::App;
 use archmerge::config::{Config, LogFormat, Settings};
-use archmerge::server::{self, App};
+use archmerge::server;
 use archmerge::upstream::Auth;
 
 /// Exit status for a configuration error (EX_CONFIG from sysexits.h is 78;

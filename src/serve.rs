@@ -45,6 +45,7 @@ use hyper::body::Incoming;
 use moka::future::Cache;
 use moka::Expiry;
 
+use crate::app::App;
 use crate::body::{self, Body};
 use crate::config::CacheConfig;
 use crate::error::{error_response, ProxyError};
@@ -53,7 +54,6 @@ use crate::merge::{Desired, MergeError, Merger};
 use crate::metrics::{CacheLabels, Metrics};
 use crate::oci::{ErrorCode, MAX_MANIFEST_BYTES};
 use crate::route::Reference;
-use crate::server::App;
 use crate::upstream::{Auth, Upstream};
 
 /// A synthesized index, ready to serve.

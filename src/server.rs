@@ -21,56 +21,18 @@ use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::app::App;
 use crate::body::Body;
-use crate::config::{Config, Mode};
+use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, ClientSide};
 use crate::intercept;
-use crate::merge::Merger;
-use crate::metrics::{method_label, Metrics, RequestLabels};
+use crate::metrics::{method_label, RequestLabels};
 use crate::route::{self, Route};
-use crate::serve::{self, Aggregates};
-use crate::upstream::Upstream;
+use crate::serve;
 
 /// How long in-flight requests may run after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Everything a request handler needs, shared by all connections.
-pub struct App {
-    /// Validated settings.
-    pub config: Arc<Config>,
-    /// The pooled registry client.
-    pub upstream: Upstream,
-    /// The merge engine.
-    pub merger: Arc<Merger>,
-    /// Metric families.
-    pub metrics: Arc<Metrics>,
-    /// Serve mode's synthesized indexes (unused in write mode).
-    pub aggregates: Aggregates,
-}
-
-impl App {
-    /// Builds the shared state from a validated config.
-    pub fn new(config: Config) -> std::io::Result<Arc<App>> {
-        let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
-        let upstream = Upstream::new(&config, metrics.clone())?;
-        let merger = Arc::new(Merger::new(
-            upstream.clone(),
-            config.merge.clone(),
-            config.cache.max_bytes,
-            metrics.clone(),
-        ));
-        let aggregates = Aggregates::new(merger.clone(), metrics.clone(), &config.cache);
-        Ok(Arc::new(App {
-            config,
-            upstream,
-            merger,
-            metrics,
-            aggregates,
-        }))
-    }
-}
 
 /// Serves clients on `listener` until `shutdown` completes, then lets
 /// in-flight requests finish (bounded by a drain timeout).
