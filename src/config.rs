@@ -18,7 +18,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::index::{IndexFormat, PlatformSource};
-use crate::ruleset::RuleSet;
+use crate::rules::RuleSet;
 
 mod rules;
 

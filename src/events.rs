@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use crate::app::App;
 use crate::config::Mode;
-use crate::ruleset::RuleSet;
+use crate::rules::RuleSet;
 use crate::upstream::Auth;
 
 /// How long a pushed tag is awaited before its target is rebuilt anyway.
@@ -173,8 +173,8 @@ async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Au
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rules::Rule;
     use crate::rules::TagRules;
-    use crate::ruleset::Rule;
 
     fn rules() -> RuleSet {
         RuleSet::single(Rule::from_tags(TagRules::default()))

@@ -22,8 +22,8 @@
 //! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.
 //! - [`tls`] — rustls on the listener and towards an https registry.
 //! - [`upstream`] — the pooled registry client and typed registry calls.
-//! - [`rules`] — pure: tag patterns and the arch alias table.
-//! - [`ruleset`] — pure: per-repository rules (globs, allow-lists, required sets, repository patterns).
+//! - [`rules`] — pure: tag patterns and the alias table ([`rules::tags`]), per-repository
+//!   rules ([`rules::repository`]).
 //! - [`platform`] — pure: platform normalisation and matching.
 //! - [`index`] — pure: entries → canonical index bytes + digest; manifest parsing.
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
@@ -73,7 +73,6 @@ pub mod platform;
 pub mod reconcile;
 pub mod route;
 pub mod rules;
-pub mod ruleset;
 pub mod serve;
 pub mod server;
 pub mod tls;

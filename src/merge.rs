@@ -60,7 +60,7 @@ use crate::index::{
 };
 use crate::metrics::Metrics;
 use crate::rules::ArchTag;
-use crate::ruleset::Rule;
+use crate::rules::Rule;
 use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
 
 mod children;

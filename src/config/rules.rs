@@ -9,8 +9,9 @@ use toml::Spanned;
 use super::{Check, Mode, RawMerge, S};
 use crate::index::{IndexFormat, PlatformSource};
 use crate::platform::PlatformKey;
+use crate::rules::tags::DEFAULT_PATTERNS;
+use crate::rules::{arch_key, Glob, RepoPattern, Rule, RuleSet};
 use crate::rules::{AliasTable, Pattern, TagRules};
-use crate::ruleset::{arch_key, Glob, RepoPattern, Rule, RuleSet};
 
 /// One `[[rules]]` entry as written.
 #[derive(Debug, Deserialize)]
@@ -27,8 +28,6 @@ pub(super) struct RawRule {
     platform_source: Option<PlatformSource>,
     index_media_type: Option<IndexFormat>,
 }
-
-const DEFAULT_PATTERNS: [&str; 2] = ["{arch}_{tag}", "{arch}"];
 
 impl Check<'_> {
     pub(super) fn rules(

@@ -18,7 +18,7 @@ use crate::index::{
 use crate::metrics::CacheLabels;
 use crate::platform::Platform;
 use crate::rules::ArchTag;
-use crate::ruleset::Rule;
+use crate::rules::Rule;
 use crate::upstream::{Auth, FetchedManifest};
 
 impl Merger {

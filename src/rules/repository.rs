@@ -9,10 +9,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::tags::{AliasTable, ArchTag, TagRules};
 use crate::index::{IndexFormat, PlatformSource};
 use crate::oci::{is_valid_name, is_valid_tag};
 use crate::platform::{Platform, PlatformKey};
-use crate::rules::{AliasTable, ArchTag, TagRules};
 
 /// A repository glob: `*` matches within one path component, `**` across
 /// components; everything else literally.
@@ -264,7 +264,7 @@ pub fn arch_key(aliases: &AliasTable, name: &str) -> Option<PlatformKey> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Pattern;
+    use crate::rules::tags::Pattern;
     use rstest::rstest;
 
     #[rstest]

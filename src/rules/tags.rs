@@ -33,7 +33,7 @@ const DEFAULT_ALIASES: &[(&[&str], &str)] = &[
 ];
 
 /// Default patterns: the classic `make annotate` naming, `repo:aarch64_v1.2` and `repo:aarch64`.
-const DEFAULT_PATTERNS: &[&str] = &["{arch}_{tag}", "{arch}"];
+pub(crate) const DEFAULT_PATTERNS: &[&str] = &["{arch}_{tag}", "{arch}"];
 
 /// The target of a pattern without `{tag}`.
 const DEFAULT_TARGET: &str = "latest";
