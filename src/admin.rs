@@ -109,7 +109,8 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 );
             }
             let auth = Auth::own(app.config.upstream_credentials.as_ref());
-            match reconcile::run(&app.merger, &app.upstream, &repos, &auth, |_| {}).await {
+            let scope = reconcile::Scope::All;
+            match reconcile::run(&app.merger, &repos, scope, &auth, |_| {}).await {
                 Ok(summary) => {
                     let json = serde_json::to_string(&summary).unwrap_or_default();
                     let mut resp = text(StatusCode::OK, &json);

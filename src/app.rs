@@ -1,16 +1,21 @@
-//! The state every request handler shares: validated config, the pooled
-//! registry client, the merge engine, metrics and serve mode's caches.
+//! The state every request handler shares — validated config, the pooled
+//! registry client, metrics — and the mode as one type, [`Indexes`]: what a
+//! write that touches a target does, and who answers a target's GET.
 //!
 //! Built once in `main.rs` (or a test) and handed to the listeners as an
 //! `Arc`; it sits below every handler and calls none of them.
 
 use std::sync::Arc;
+use std::time::Instant;
 
-use crate::config::Config;
-use crate::merge::Merger;
+use crate::bounded;
+use crate::config::{Config, Mode};
+use crate::merge::{Merger, Pushed, Update};
 use crate::metrics::Metrics;
+use crate::reconcile;
+use crate::rules::{How, Touch};
 use crate::serve::Aggregates;
-use crate::upstream::Upstream;
+use crate::upstream::{Auth, Upstream};
 
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
@@ -18,12 +23,13 @@ pub struct App {
     pub config: Arc<Config>,
     /// The pooled registry client.
     pub upstream: Upstream,
-    /// The merge engine.
+    /// The merge engine: writes targets in write mode, synthesizes them in
+    /// serve mode, and reads them for `inspect` and reconcile in both.
     pub merger: Arc<Merger>,
     /// Metric families.
     pub metrics: Arc<Metrics>,
-    /// Serve mode's synthesized indexes (unused in write mode).
-    pub aggregates: Aggregates,
+    /// What the mode does with targets.
+    pub indexes: Indexes,
 }
 
 impl App {
@@ -38,13 +44,118 @@ impl App {
             config.cache.max_bytes,
             metrics.clone(),
         ));
-        let aggregates = Aggregates::new(merger.clone(), metrics.clone(), &config.cache);
+        let indexes = match config.mode {
+            Mode::Write => Indexes::Write(merger.clone()),
+            Mode::Serve => Indexes::Serve(Aggregates::new(
+                merger.clone(),
+                metrics.clone(),
+                &config.cache,
+            )),
+        };
         Ok(Arc::new(App {
             config,
             upstream,
             merger,
             metrics,
-            aggregates,
+            indexes,
         }))
+    }
+}
+
+/// The mode (SPEC §5), as what it does with targets.
+pub enum Indexes {
+    /// `write`: every write that touches a target rebuilds it in the
+    /// registry before the client is answered.
+    Write(Arc<Merger>),
+    /// `serve`: nothing is written; GETs of targets are answered with the
+    /// synthesized index, and a write only drops what is cached of it.
+    Serve(Aggregates),
+}
+
+/// A write the registry accepted (or a delete it carried out), and the
+/// targets it touches.
+#[derive(Clone, Copy)]
+pub struct Accepted<'a> {
+    /// What the rules say the write touches.
+    pub touches: &'a [Touch],
+    /// The credentials the follow-up calls carry.
+    pub auth: &'a Auth,
+    /// When the registry accepted it.
+    pub since: Instant,
+    /// The manifest stored, when the write was a push.
+    pub pushed: Option<Pushed<'a>>,
+}
+
+impl Indexes {
+    /// Brings every target a write touches up to date (write mode), or
+    /// forgets what is cached of it (serve mode). Returns one line per
+    /// target that is not up to date yet, for the client's `Warning`; those
+    /// are retried in the background.
+    pub async fn after_write(&self, w: Accepted<'_>) -> Vec<String> {
+        match self {
+            Indexes::Write(merger) => {
+                let jobs = w.touches.iter().map(|t| async move {
+                    match t {
+                        Touch::Target { repo, target, how } => match how {
+                            How::ArchChanged | How::NewBase => {
+                                let u = Update {
+                                    repo,
+                                    target,
+                                    auth: w.auth,
+                                    since: w.since,
+                                    pushed: w.pushed,
+                                };
+                                merger.update(u).await.err().map(|e| {
+                                    format!("the index {repo}:{target} is not up to date yet: {e}")
+                                })
+                            }
+                            How::Deleted => {
+                                tracing::debug!(repo = %repo, reference = %target, "target deleted; stays absent until its next arch push or a reconcile");
+                                None
+                            }
+                        },
+                        Touch::ExistingTargets { repo } => {
+                            let repos = [repo.clone()];
+                            let scope = reconcile::Scope::Existing;
+                            match reconcile::run(merger, &repos, scope, w.auth, |_| {}).await {
+                                Ok(s) if s.failed.is_empty() => None,
+                                Ok(s) => Some(format!(
+                                    "{} target(s) of {repo} are not up to date yet",
+                                    s.failed.len()
+                                )),
+                                Err(e) => Some(format!(
+                                    "the indexes of {repo} are not up to date yet: {e}"
+                                )),
+                            }
+                        }
+                    }
+                });
+                bounded::all(jobs).await.into_iter().flatten().collect()
+            }
+            Indexes::Serve(aggregates) => {
+                for t in w.touches {
+                    if let Touch::Target { repo, target, .. } = t {
+                        aggregates.invalidate(repo, target).await;
+                    }
+                }
+                // Some targets of a repository, unknown which: their
+                // aggregates expire within the staleness bound by themselves.
+                Vec::new()
+            }
+        }
+    }
+
+    /// Serve mode's aggregates: where archmerge itself answers GETs of
+    /// targets. `None` in write mode, where the registry holds them.
+    pub fn served(&self) -> Option<&Aggregates> {
+        match self {
+            Indexes::Write(_) => None,
+            Indexes::Serve(a) => Some(a),
+        }
+    }
+
+    /// Whether the mode synthesizes indexes instead of storing them.
+    pub fn synthesizes(&self) -> bool {
+        self.served().is_some()
     }
 }

@@ -1,12 +1,13 @@
-//! The registry's notification webhook: arch tags pushed or deleted
-//! straight at the registry (bypassing archmerge) are merged too.
+//! The registry's notification webhook: writes made straight at the
+//! registry (bypassing archmerge) bring their targets up to date too.
 //!
 //! distribution POSTs an envelope
 //! (`application/vnd.docker.distribution.events.v1+json`) of events to the
-//! admin listener's `/events`. [`parse`] picks out what matters — manifest
-//! pushes of arch tags, and manifest deletes — and [`apply`] acts on them
+//! admin listener's `/events`. [`parse`] reads manifest pushes and deletes
+//! and asks the rules what each touches ([`crate::rules::Rule::touches`],
+//! the same answer a push through archmerge gets); [`apply`] acts on them
 //! with archmerge's own credentials, in the background: the registry only
-//! needs a quick 2xx, and retries deliveries that fail. Pushes that came
+//! needs a quick 2xx, and retries deliveries that fail. Writes that came
 //! through archmerge arrive here too; their rebuild finds the index already
 //! right and writes nothing.
 
@@ -16,9 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::app::App;
-use crate::config::Mode;
-use crate::rules::RuleSet;
+use crate::app::{Accepted, App};
+use crate::bounded::{self, Backoff};
+use crate::rules::{RuleSet, Touch, Write};
 use crate::upstream::Auth;
 
 /// How long a pushed tag is awaited before its target is rebuilt anyway.
@@ -54,11 +55,8 @@ struct Target {
 /// What the events ask archmerge to do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Work {
-    /// (repo, target) to rebuild: an arch tag of it was pushed or deleted.
-    pub targets: BTreeSet<(String, String)>,
-    /// Repositories to reconcile whole: a manifest was deleted by digest,
-    /// and the event does not say which tags listed it.
-    pub repos: BTreeSet<String>,
+    /// The targets the events touch, and how.
+    pub touches: BTreeSet<Touch>,
     /// Pushed (repo, tag, digest): distribution sends the event from inside
     /// the manifest save, *before* it links the tag, so each is awaited
     /// (bounded) before the rebuild that should see it.
@@ -75,38 +73,28 @@ pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
         if t.repository.is_empty() || !crate::oci::is_valid_name(&t.repository) {
             continue;
         }
-        let rule = rules.for_repo(&t.repository);
-        let target = |tag: &str| {
-            rule.match_tag(tag)
-                .map(|a| (t.repository.clone(), a.target))
-                .or_else(|| {
-                    rule.match_repository(&t.repository, tag)
-                        .map(|(repo, a)| (repo, a.target))
-                })
+        let tag = t.tag.as_ref().filter(|tag| crate::oci::is_valid_tag(tag));
+        let write = match (e.action.as_str(), tag) {
+            ("push", Some(tag)) if manifest => Write::Put(tag),
+            ("delete", Some(tag)) => Write::Deleted(std::slice::from_ref(tag)),
+            ("delete", None) => Write::DeletedUnknown,
+            _ => continue,
         };
-        match (e.action.as_str(), &t.tag) {
-            ("push", Some(tag)) if manifest => {
-                if let Some(target) = target(tag) {
-                    work.targets.insert(target);
-                    if crate::oci::is_valid_digest(&t.digest) {
-                        work.pushed
-                            .insert((t.repository.clone(), tag.clone(), t.digest.clone()));
-                    }
-                }
+        let touches = rules.for_repo(&t.repository).touches(&t.repository, write);
+        if let (Write::Put(tag), false) = (write, touches.is_empty()) {
+            if crate::oci::is_valid_digest(&t.digest) {
+                work.pushed
+                    .insert((t.repository.clone(), tag.to_owned(), t.digest.clone()));
             }
-            ("delete", Some(tag)) => work.targets.extend(target(tag)),
-            ("delete", None) => {
-                work.repos.insert(t.repository);
-            }
-            _ => {}
         }
+        work.touches.extend(touches);
     }
     Ok(work)
 }
 
 /// Acts on the work in the background, with archmerge's own credentials.
 pub fn apply(app: &Arc<App>, work: Work) {
-    if work.targets.is_empty() && work.repos.is_empty() {
+    if work.touches.is_empty() {
         return;
     }
     let app = app.clone();
@@ -116,34 +104,17 @@ pub fn apply(app: &Arc<App>, work: Work) {
             .pushed
             .iter()
             .map(|(repo, tag, digest)| tag_points_at(&app, repo, tag, digest, &auth));
-        futures_util::future::join_all(waits).await;
-        for (repo, target) in &work.targets {
-            match app.config.mode {
-                Mode::Write => {
-                    // Failures are logged, counted and retried inside.
-                    let _ = app
-                        .merger
-                        .update(repo, target, &auth, Instant::now(), None)
-                        .await;
-                }
-                Mode::Serve => app.aggregates.invalidate(repo, target).await,
-            }
-        }
-        for repo in &work.repos {
-            match app.config.mode {
-                Mode::Write => {
-                    let repos = [repo.clone()];
-                    let done =
-                        crate::reconcile::run(&app.merger, &app.upstream, &repos, &auth, |_| {})
-                            .await;
-                    if let Err(e) = done {
-                        tracing::warn!(repo, error = %e, "reconcile after a delete event failed");
-                    }
-                }
-                // Aggregates expire within a second by themselves.
-                Mode::Serve => {}
-            }
-        }
+        bounded::all(waits).await;
+        let touches: Vec<Touch> = work.touches.into_iter().collect();
+        // Failures are logged, counted and retried inside.
+        app.indexes
+            .after_write(Accepted {
+                touches: &touches,
+                auth: &auth,
+                since: Instant::now(),
+                pushed: None,
+            })
+            .await;
     });
 }
 
@@ -151,7 +122,7 @@ pub fn apply(app: &Arc<App>, work: Work) {
 /// notify before it has linked the tag.
 async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Auth) {
     let deadline = Instant::now() + TAG_WAIT;
-    let mut delay = Duration::from_millis(20);
+    let mut backoff = Backoff::new(Duration::from_millis(20), 2, Duration::from_millis(500));
     loop {
         match app.upstream.head_manifest(repo, tag, auth).await {
             Ok(Some(d)) if d == digest => return,
@@ -162,10 +133,7 @@ async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Au
                 tracing::warn!(repo, reference = tag, %digest, "pushed tag never appeared; merging what is there");
                 return;
             }
-            _ => {
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
-            }
+            _ => backoff.wait().await,
         }
     }
 }
@@ -173,17 +141,24 @@ async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Au
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rules::Rule;
-    use crate::rules::TagRules;
+    use crate::rules::{How, Rule, TagRules};
 
     fn rules() -> RuleSet {
         RuleSet::single(Rule::from_tags(TagRules::default()))
     }
 
+    fn target(repo: &str, target: &str, how: How) -> Touch {
+        Touch::Target {
+            repo: repo.into(),
+            target: target.into(),
+            how,
+        }
+    }
+
     #[test]
-    fn picks_manifest_pushes_of_arch_tags_and_deletes() {
+    fn manifest_pushes_and_deletes_touch_what_the_rules_say() {
         let body = br#"{"events":[
-          {"action":"push","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"aarch64_v1","digest":"sha256:1"}},
+          {"action":"push","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"aarch64_v1","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}},
           {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"app","tag":"v1"}},
           {"action":"push","target":{"mediaType":"application/octet-stream","repository":"app","digest":"sha256:2"}},
           {"action":"pull","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"x86_64"}},
@@ -191,12 +166,20 @@ mod tests {
           {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"BAD","tag":"x86_64"}}
         ]}"#;
         let work = parse(body, &rules()).unwrap();
-        let targets: Vec<_> = work.targets.into_iter().collect();
-        assert_eq!(targets, vec![("app".to_owned(), "v1".to_owned())]);
+        let touches: Vec<_> = work.touches.into_iter().collect();
         assert_eq!(
-            work.repos.into_iter().collect::<Vec<_>>(),
-            vec!["other".to_owned()]
+            touches,
+            vec![
+                // The arch push, and the push at the target itself (a new base).
+                target("app", "v1", How::ArchChanged),
+                target("app", "v1", How::NewBase),
+                Touch::ExistingTargets {
+                    repo: "other".into()
+                },
+            ]
         );
+        let pushed: Vec<_> = work.pushed.into_iter().map(|p| p.1).collect();
+        assert_eq!(pushed, ["aarch64_v1"]);
     }
 
     #[test]

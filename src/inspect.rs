@@ -6,9 +6,8 @@
 
 use serde::Serialize;
 
-use crate::config::Mode;
 use crate::index::{index_entries, parse_manifest, EntryKind, EntrySource, Manifest};
-use crate::merge::{Desired, MergeError, Merger};
+use crate::merge::{Desired, MergeError, Merger, Survey};
 use crate::upstream::Auth;
 
 /// The report for one target.
@@ -52,28 +51,33 @@ pub struct Row {
     pub size: u64,
 }
 
-/// Builds the report.
+/// Builds the report; `synthesizes` is whether the mode serves indexes
+/// instead of storing them.
 pub async fn report(
     merger: &Merger,
-    mode: Mode,
+    synthesizes: bool,
     repo: &str,
     tag: &str,
     auth: &Auth,
 ) -> Result<Report, MergeError> {
-    let (snapshot, current) = merger.survey(repo, tag, auth).await?;
-    let plan = merger.plan(repo, tag, &snapshot, current, auth).await?;
-    let expected = match &plan.desired {
-        Desired::Index(b) => Some((b.digest.clone(), b.media_type.to_owned(), b.bytes.clone())),
-        Desired::Restore(m) => Some((m.digest.clone(), m.media_type.clone(), m.bytes.to_vec())),
+    let Survey {
+        snapshot,
+        current,
+        decision: plan,
+    } = merger.survey(repo, tag, auth).await?;
+    let expected_digest = match &plan.desired {
+        Desired::Index(b) => Some(b.digest.clone()),
+        Desired::Restore { base, .. } => Some(base.clone()),
         Desired::Delete | Desired::Nothing => None,
     };
-    let synthesized = mode == Mode::Serve && matches!(plan.desired, Desired::Index(_));
-    let shown = if synthesized {
-        expected.clone()
-    } else {
-        plan.current
+    let synthesized = synthesizes && matches!(plan.desired, Desired::Index(_));
+    let shown = match (&plan.desired, synthesized) {
+        (Desired::Index(b), true) => {
+            Some((b.digest.clone(), b.media_type.to_owned(), b.bytes.clone()))
+        }
+        _ => current
             .as_ref()
-            .map(|c| (c.digest.clone(), c.media_type.clone(), c.bytes.to_vec()))
+            .map(|c| (c.digest.clone(), c.media_type.clone(), c.bytes.to_vec())),
     };
     let mut report = Report {
         reference: format!("{repo}:{tag}"),
@@ -90,10 +94,9 @@ pub async fn report(
         entries: Vec::new(),
     };
     if !synthesized {
-        let stored = plan.current.as_ref().map(|c| c.digest.as_str());
-        let wanted = expected.as_ref().map(|e| e.0.as_str());
-        if wanted.is_some() && wanted != stored {
-            report.expected_digest = wanted.map(str::to_owned);
+        let stored = current.as_ref().map(|c| c.digest.as_str());
+        if expected_digest.is_some() && expected_digest.as_deref() != stored {
+            report.expected_digest = expected_digest;
         }
     }
     let Some((digest, media_type, bytes)) = shown else {
@@ -151,11 +154,18 @@ impl std::fmt::Display for Report {
                 self.missing_required.join(", ")
             )?;
         }
-        if let Some(e) = &self.expected_digest {
-            writeln!(
+        match (&self.expected_digest, self.state) {
+            (Some(e), "absent") => writeln!(
+                f,
+                "  ABSENT: no index here, though {} arch tag(s) call for {e}; a deleted \
+                 target stays deleted until its next arch push or `archmerge reconcile`",
+                self.arch_tags.len()
+            )?,
+            (Some(e), _) => writeln!(
                 f,
                 "  STALE: the registry's arch tags call for {e}; run `archmerge reconcile`"
-            )?;
+            )?,
+            (None, _) => {}
         }
         if !self.entries.is_empty() {
             writeln!(

@@ -1,14 +1,15 @@
-//! Manifest PUT and DELETE: forward to the registry first, then hand arch
-//! tags to the merge.
+//! Manifest PUT and DELETE: forward to the registry first, then bring every
+//! target the write touches up to date.
 //!
 //! The order is the guarantee. The client's manifest is buffered (≤ 4 MiB,
 //! refused with 413 before the registry is asked), forwarded, and only when
-//! the registry accepted it is the target index brought up to date — before
-//! the client gets the registry's own answer, so the last push of a CI run
-//! returns with the index complete. A failed merge never changes that
-//! answer: it is logged, counted and retried by `merge`. Nothing here reads
-//! or writes indexes itself; in serve mode nothing is merged at push time,
-//! the target's cached aggregate is only dropped.
+//! the registry accepted it are the targets it touches (the rules say which:
+//! [`crate::rules::Rule::touches`]) brought up to date — before the client
+//! gets the registry's own answer, so the last push of a CI run returns with
+//! the index complete. A failed merge never changes that answer: it is
+//! logged, counted, said in a `Warning` and retried. What "up to date" means
+//! is the mode's ([`crate::app::Indexes`]); nothing here reads or writes
+//! indexes itself.
 
 use std::time::{Duration, Instant};
 
@@ -17,14 +18,14 @@ use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 
-use crate::app::App;
+use crate::app::{Accepted, App};
 use crate::body::{self, Body};
-use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, proxy_error, ClientSide};
 use crate::merge::Pushed;
 use crate::oci::MAX_MANIFEST_BYTES;
 use crate::route::Reference;
+use crate::rules::Write;
 use crate::upstream::{Auth, FetchedManifest};
 
 /// A manifest PUT: buffer, forward, merge when it was an arch tag, answer.
@@ -67,19 +68,21 @@ pub async fn put_manifest(
         // it was sent; no index is touched.
         return Ok(forward::downstream_response(resp, &app.upstream, client));
     }
+    let pushed = FetchedManifest {
+        digest: crate::index::sha256_digest(&bytes),
+        bytes,
+        media_type,
+    };
     let Reference::Tag(tag) = reference else {
+        // A child pushed by digest before its index (buildx, `manifest push
+        // --all`): remembered, so the merge that follows need not read it.
+        app.merger.remember(pushed).await;
         return Ok(forward::downstream_response(resp, &app.upstream, client));
     };
-    // An arch tag of this repository, or, under a repository pattern, a tag
-    // of a per-arch repository whose index lives in another repository.
-    let rule = app.merger.rule(repo);
-    let Some((target_repo, arch)) = rule
-        .match_tag(&tag)
-        .map(|a| (repo.to_owned(), a))
-        .or_else(|| rule.match_repository(repo, &tag))
-    else {
+    let touches = app.merger.rule(repo).touches(repo, Write::Put(&tag));
+    if touches.is_empty() {
         return Ok(forward::downstream_response(resp, &app.upstream, client));
-    };
+    }
     // Take the registry's (small) answer off the connection before the
     // merge's own calls, so the pooled connection is free for them.
     let (mut parts, incoming) = resp.into_parts();
@@ -89,31 +92,23 @@ pub async fn put_manifest(
         .await
         .map(|c| c.to_bytes())
         .unwrap_or_default();
-    let pushed = FetchedManifest {
-        digest: crate::index::sha256_digest(&bytes),
-        bytes,
-        media_type,
-    };
-    let warning = match app.config.mode {
-        Mode::Write => {
-            let pushed = Pushed {
+    app.merger.remember(pushed.clone()).await;
+    let warnings = app
+        .indexes
+        .after_write(Accepted {
+            touches: &touches,
+            auth: &auth,
+            since: accepted_at,
+            pushed: Some(Pushed {
                 repo,
                 tag: &tag,
                 manifest: &pushed,
-            };
-            app.merger
-                .after_push(&target_repo, &arch, pushed, &auth, accepted_at)
-                .await
-        }
-        Mode::Serve => {
-            app.merger.remember(pushed).await;
-            app.aggregates.invalidate(&target_repo, &arch.target).await;
-            None
-        }
-    };
+            }),
+        })
+        .await;
     // The push stands; a merge that failed is said in a `Warning` (RFC 9111
     // §5.5, code 199 "miscellaneous"), and retried in the background.
-    if let Some(w) = warning {
+    for w in warnings {
         let text = format!("199 archmerge {:?}", w.replace('"', "'"));
         if let Ok(v) = HeaderValue::from_str(&text) {
             parts.headers.append(header::WARNING, v);
@@ -122,7 +117,9 @@ pub async fn put_manifest(
     Ok(Response::from_parts(parts, body::full(answer)))
 }
 
-/// A manifest DELETE: forward, then rebuild every target that listed it.
+/// A manifest DELETE: find what it takes with it, forward, then bring every
+/// target it touches up to date (a deleted target's own index stays
+/// deleted).
 pub async fn delete_manifest(
     app: &App,
     req: Request<Incoming>,
@@ -132,26 +129,35 @@ pub async fn delete_manifest(
 ) -> Result<Response<Body>, ProxyError> {
     let (repo, client) = (repo.as_str(), &client);
     let auth = Auth::client(req.headers().get(header::AUTHORIZATION).cloned());
-    // Which targets does this manifest feed? Ask before it is gone: after a
-    // delete by digest the registry no longer says which tags pointed at it.
-    let targets = match &reference {
-        Reference::Digest(digest) => app.merger.targets_of_digest(repo, digest, &auth).await,
-        Reference::Tag(tag) => app
-            .merger
-            .rule(repo)
-            .match_tag(tag)
-            .map(|a| vec![a.target])
-            .unwrap_or_default(),
+    // Which arch tags does this delete take? Asked before it is gone: after
+    // a delete by digest the registry no longer says which tags pointed at
+    // it. A lookup that fails is not read as "none": every existing target
+    // of the repository is repaired instead.
+    let tags = match &reference {
+        Reference::Tag(tag) => Some(vec![tag.clone()]),
+        Reference::Digest(digest) => match app.merger.arch_tags_at(repo, digest, &auth).await {
+            Ok(tags) => Some(tags),
+            Err(e) => {
+                tracing::warn!(repo, %digest, error = %e, "which arch tags a delete takes is unknown; repairing every target of the repository after it");
+                None
+            }
+        },
     };
     let resp = forward::forward(&app.upstream, req, client).await?;
     if resp.status().is_success() {
-        let since = Instant::now();
-        for target in targets {
-            match app.config.mode {
-                Mode::Write => app.merger.after_delete(repo, &target, &auth, since).await,
-                Mode::Serve => app.aggregates.invalidate(repo, &target).await,
-            }
-        }
+        let write = match &tags {
+            Some(tags) => Write::Deleted(tags),
+            None => Write::DeletedUnknown,
+        };
+        let touches = app.merger.rule(repo).touches(repo, write);
+        let accepted = Accepted {
+            touches: &touches,
+            auth: &auth,
+            since: Instant::now(),
+            pushed: None,
+        };
+        // Failures are logged, counted and retried inside.
+        app.indexes.after_write(accepted).await;
     }
     Ok(resp)
 }

@@ -28,6 +28,7 @@
 //! - [`index`] — pure: entries → canonical index bytes + digest; manifest parsing.
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
 //! - [`error`] — the request-boundary error and its response.
+//! - [`bounded`] — every fan-out's concurrency limit, and backoff.
 //! - [`body`] — the one body type for streamed and buffered bodies.
 //! - [`reconcile`] — build or repair the indexes for arch tags already in the registry.
 //! - [`inspect`] — what a target lists, entry by entry.
@@ -59,6 +60,7 @@
 pub mod admin;
 pub mod app;
 pub mod body;
+pub mod bounded;
 pub mod config;
 pub mod error;
 pub mod events;

@@ -111,7 +111,8 @@ async fn reconcile(config: Config, repos: Vec<String>, json: bool) -> anyhow::Re
     let auth = Auth::own(config.upstream_credentials.as_ref());
     let app = App::new(config).context("setting up the registry client")?;
     let tty = std::io::stderr().is_terminal();
-    let summary = archmerge::reconcile::run(&app.merger, &app.upstream, &repos, &auth, |p| {
+    let scope = archmerge::reconcile::Scope::All;
+    let summary = archmerge::reconcile::run(&app.merger, &repos, scope, &auth, |p| {
         if tty {
             let result = match &p.result {
                 Ok(o) => o.label().to_owned(),
@@ -153,9 +154,9 @@ async fn inspect(config: Config, reference: &str, json: bool) -> anyhow::Result<
         anyhow::bail!("{reference:?} is not REPO:TAG");
     };
     let auth = Auth::own(config.upstream_credentials.as_ref());
-    let mode = config.mode;
     let app = App::new(config).context("setting up the registry client")?;
-    let report = archmerge::inspect::report(&app.merger, mode, repo, tag, &auth).await?;
+    let synthesizes = app.indexes.synthesizes();
+    let report = archmerge::inspect::report(&app.merger, synthesizes, repo, tag, &auth).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

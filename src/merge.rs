@@ -44,31 +44,30 @@
 //! logged, counted, and retried in the background with backoff; the push
 //! that triggered it has already been answered with the registry's answer.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use dashmap::DashMap;
-use futures_util::future::try_join_all;
 use moka::future::Cache;
 use tokio::sync::Mutex;
 
+use crate::bounded::{self, Backoff};
 use crate::config::MergeConfig;
-use crate::index::{
-    build_index, BuiltIndex, ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, ANN_BASE,
-};
+use crate::index::Manifest;
 use crate::metrics::Metrics;
-use crate::rules::ArchTag;
-use crate::rules::Rule;
+use crate::rules::{ArchTag, Role, Rule};
 use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
 
 mod children;
 mod copy;
+pub mod decide;
 mod listing;
 mod retry;
 mod snapshot;
 
+pub use decide::{Decision, Desired};
 pub use snapshot::Pushed;
 
 /// Rebuild rounds before a merge gives up for now (and retries later).
@@ -91,12 +90,12 @@ pub enum MergeError {
         /// What was wrong.
         reason: String,
     },
-    /// The target holds something archmerge cannot amend.
+    /// The target holds content archmerge cannot amend.
     #[error("target holds content archmerge will not overwrite: {0}")]
     Unmergeable(String),
     /// Building the index failed.
-    #[error("building the index: {0}")]
-    Index(String),
+    #[error(transparent)]
+    Index(#[from] decide::DecideError),
     /// Pushes kept landing during every round.
     #[error("no stable snapshot after {0} rounds")]
     NotConverged(usize),
@@ -118,7 +117,7 @@ pub enum Outcome {
     Written,
     /// The index already had these bytes.
     Unchanged,
-    /// A rebuild that started after this push already converged.
+    /// A rebuild that started after this write already converged.
     Coalesced,
     /// The last managed entry went; the index was deleted.
     Removed,
@@ -159,43 +158,33 @@ pub struct Child {
     pub digest: Option<String>,
 }
 
-/// What the registry's state calls for at a target.
-#[derive(Debug)]
-pub enum Desired {
-    /// An index with these canonical bytes.
-    Index(BuiltIndex),
-    /// No arch tag is left: put back the manifest the index amended.
-    Restore(FetchedManifest),
-    /// No arch tag is left and the index amended nothing: delete it.
-    Delete,
-    /// No arch tag, and nothing of archmerge's at the target.
-    Nothing,
+/// A request to bring one target up to date: the one way into the merge.
+#[derive(Clone, Copy, Debug)]
+pub struct Update<'a> {
+    /// The repository the target lives in.
+    pub repo: &'a str,
+    /// The target tag.
+    pub target: &'a str,
+    /// Whose credentials the registry calls carry.
+    pub auth: &'a Auth,
+    /// When the write that asks for this was accepted: a rebuild that
+    /// started later and converged already saw it.
+    pub since: Instant,
+    /// The manifest the registry has just accepted (at an arch tag, or at
+    /// the target itself), trusted without reading it back.
+    pub pushed: Option<Pushed<'a>>,
 }
 
-/// What the target tag holds, as the merge reads it.
-#[derive(Default)]
-struct Current {
-    /// archmerge wrote it.
-    ours: bool,
-    /// Entries of what archmerge did not make, kept where no arch tag
-    /// provides their platform.
-    amended: Vec<Entry>,
-    /// What the target held before archmerge first wrote there.
-    base: Option<String>,
-}
-
-/// A target as it is, and as it should be.
+/// A target as the registry has it, and what it should hold (serve mode,
+/// `inspect`).
 #[derive(Debug)]
-pub struct Plan {
+pub struct Survey {
+    /// Its arch sources.
+    pub snapshot: Snapshot,
     /// What the target tag holds now.
     pub current: Option<FetchedManifest>,
     /// What it should hold.
-    pub desired: Desired,
-    /// Children that live in another repository (repository patterns), as
-    /// (repository, digest): copied into the target's before it lists them.
-    pub copies: Vec<(String, String)>,
-    /// Required platforms not present yet.
-    pub missing: Vec<String>,
+    pub decision: Decision,
 }
 
 /// A manifest's parsed form, cached by digest.
@@ -208,7 +197,7 @@ struct Facts {
 /// The per-target serialisation point.
 #[derive(Default)]
 struct Slot {
-    /// Start time of the latest rebuild that converged; a push accepted
+    /// Start time of the latest rebuild that converged; a write accepted
     /// before it needs no rebuild of its own.
     converged_start: Mutex<Option<Instant>>,
 }
@@ -228,9 +217,11 @@ pub struct Merger {
     /// Manifest digest → parsed facts. Immutable by content addressing.
     manifests: Cache<String, Arc<Facts>>,
     /// Config digest → platform details. Immutable by content addressing.
-    configs: Cache<String, Arc<ConfigPlatform>>,
+    configs: Cache<String, Arc<crate::index::ConfigPlatform>>,
     /// (arch tag, digest) pairs whose alias/config mismatch was reported.
     mismatches_seen: moka::sync::Cache<(String, String), ()>,
+    /// (arch tag, digest) pairs reported as holding no runnable image.
+    not_images_seen: moka::sync::Cache<(String, String), ()>,
     /// Each target's latest snapshot: which arch tags to HEAD while the
     /// next snapshot lists the tags (a guess, never an answer).
     last_snapshots: moka::sync::Cache<TargetKey, Arc<Snapshot>>,
@@ -258,6 +249,7 @@ impl Merger {
                 .build(),
             configs: Cache::builder().max_capacity(100_000).build(),
             mismatches_seen: moka::sync::Cache::new(100_000),
+            not_images_seen: moka::sync::Cache::new(100_000),
             last_snapshots: moka::sync::Cache::builder()
                 .weigher(|_k, v: &Arc<Snapshot>| v.len() as u32 + 1)
                 .max_capacity(LAST_SNAPSHOT_CHILDREN)
@@ -271,86 +263,22 @@ impl Merger {
         self.config.rules.for_repo(repo)
     }
 
-    /// After the registry accepted a push of an arch tag: bring its target
-    /// up to date before the client is answered. Failures are retried in the
-    /// background; this never fails the push.
-    pub async fn after_push(
-        self: &Arc<Self>,
-        repo: &str,
-        arch: &ArchTag,
-        pushed: Pushed<'_>,
-        auth: &Auth,
-        accepted_at: Instant,
-    ) -> Option<String> {
-        self.remember(pushed.manifest.clone()).await;
-        self.update(repo, &arch.target, auth, accepted_at, Some(pushed))
-            .await
-            .err()
-            .map(|e| {
-                format!(
-                    "the index {repo}:{} is not up to date yet: {e}",
-                    arch.target
-                )
-            })
+    /// The registry client the merge uses.
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
-    /// After the registry deleted a manifest that `target` listed.
-    pub async fn after_delete(
-        self: &Arc<Self>,
-        repo: &str,
-        target: &str,
-        auth: &Auth,
-        since: Instant,
-    ) {
-        // Failures are logged, counted and retried inside.
-        let _ = self.update(repo, target, auth, since, None).await;
-    }
-
-    /// Every target that has arch tags in `repo`.
-    pub async fn targets_in(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, MergeError> {
-        let tags = self.upstream.list_tags(repo, auth).await?;
-        let targets: BTreeSet<String> = tags
-            .iter()
-            .filter_map(|t| self.rule(repo).match_tag(t))
-            .map(|a| a.target)
-            .collect();
-        Ok(targets.into_iter().collect())
-    }
-
-    /// The targets whose arch tags point at `digest` right now.
-    pub async fn targets_of_digest(&self, repo: &str, digest: &str, auth: &Auth) -> Vec<String> {
-        let Ok(tags) = self.upstream.list_tags(repo, auth).await else {
-            return Vec::new();
-        };
-        let arch: Vec<ArchTag> = tags
-            .iter()
-            .filter_map(|t| self.rule(repo).match_tag(t))
-            .collect();
-        let heads = arch.iter().map(|a| async move {
-            let d = self.upstream.head_manifest(repo, &a.tag, auth).await;
-            (a.target.clone(), d)
-        });
-        let mut targets = BTreeSet::new();
-        for (target, d) in futures_util::future::join_all(heads).await {
-            if matches!(d, Ok(Some(ref d)) if d == digest) {
-                targets.insert(target);
-            }
-        }
-        targets.into_iter().collect()
-    }
-
-    /// Rebuilds one target; on failure, logs, counts and schedules retries
-    /// (and returns the error, for the client's `Warning`).
-    pub async fn update(
-        self: &Arc<Self>,
-        repo: &str,
-        target: &str,
-        auth: &Auth,
-        since: Instant,
-        pushed: Option<Pushed<'_>>,
-    ) -> Result<Outcome, MergeError> {
+    /// Brings one target up to date: the one entry point of every write
+    /// (a push or delete through archmerge, the webhook, reconcile). A
+    /// failure is logged, counted and retried in the background, and
+    /// returned (for the client's `Warning`).
+    pub async fn update(self: &Arc<Self>, u: Update<'_>) -> Result<Outcome, MergeError> {
         let started = Instant::now();
-        match self.converge(repo, target, auth, since, pushed).await {
+        let (repo, target) = (u.repo, u.target);
+        match self.converge(u).await {
+            // A write at a tag that turned out to be no target: no merge
+            // happened, so none is counted or logged.
+            Ok(Outcome::Nothing) => Ok(Outcome::Nothing),
             Ok(outcome) => {
                 self.metrics.merge(outcome.label());
                 self.metrics
@@ -368,23 +296,101 @@ impl Merger {
             Err(e) => {
                 self.metrics.merge("failed");
                 tracing::warn!(repo, reference = target, error = %e, "merge failed; retrying in the background");
-                self.spawn_retry(repo, target, auth);
+                self.spawn_retry(repo, target, u.auth);
                 Err(e)
             }
         }
     }
 
-    /// Rebuild under the target's lock, until a snapshot taken after the
-    /// write equals the one the write was built from. `pushed` is the arch
-    /// push that asked for it, if any.
-    pub async fn converge(
+    /// What a target holds and what it should hold, without writing.
+    pub async fn survey(
         &self,
         repo: &str,
         target: &str,
         auth: &Auth,
-        since: Instant,
-        pushed: Option<Pushed<'_>>,
-    ) -> Result<Outcome, MergeError> {
+    ) -> Result<Survey, MergeError> {
+        let (snapshot, current) = self.survey_with(repo, target, auth, None).await?;
+        let decision = self
+            .plan(repo, target, &snapshot, current.clone(), auth)
+            .await?;
+        Ok(Survey {
+            snapshot,
+            current,
+            decision,
+        })
+    }
+
+    /// Every target that has arch tags in `repo`.
+    pub async fn targets_in(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, MergeError> {
+        let tags = self.upstream.list_tags(repo, auth).await?;
+        let mut targets: Vec<String> = tags
+            .iter()
+            .filter_map(|t| self.rule(repo).match_tag(t))
+            .map(|a| a.target)
+            .collect();
+        targets.sort();
+        targets.dedup();
+        Ok(targets)
+    }
+
+    /// The arch tags of `repo` (its own, or under a repository pattern) that
+    /// point at `digest` right now: what a delete of `digest` takes with it.
+    /// A lookup that fails fails the whole answer; it never counts as "no".
+    pub async fn arch_tags_at(
+        &self,
+        repo: &str,
+        digest: &str,
+        auth: &Auth,
+    ) -> Result<Vec<String>, MergeError> {
+        let tags = self.upstream.list_tags(repo, auth).await?;
+        let rule = self.rule(repo);
+        let arch = tags
+            .into_iter()
+            .filter(|t| matches!(rule.role(repo, t), Role::Arch { .. }));
+        let heads = arch.map(|tag| async move {
+            let d = self.head_with_retry(repo, &tag, auth).await?;
+            Ok::<_, UpstreamError>((tag, d))
+        });
+        Ok(bounded::try_all(heads)
+            .await?
+            .into_iter()
+            .filter(|(_, d)| d.as_deref() == Some(digest))
+            .map(|(t, _)| t)
+            .collect())
+    }
+
+    /// A HEAD of a tag, tried again after a registry 5xx.
+    async fn head_with_retry(
+        &self,
+        repo: &str,
+        tag: &str,
+        auth: &Auth,
+    ) -> Result<Option<String>, UpstreamError> {
+        let mut backoff = Backoff::new(Duration::from_millis(20), 5, Duration::from_millis(400));
+        let mut tries = 0;
+        loop {
+            match self.upstream.head_manifest(repo, tag, auth).await {
+                Err(UpstreamError::Status { status, .. })
+                    if status.is_server_error() && tries < 3 =>
+                {
+                    tries += 1;
+                    backoff.wait().await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Rebuild under the target's lock, until a snapshot taken after the
+    /// write equals the one the write was built from.
+    async fn converge(&self, u: Update<'_>) -> Result<Outcome, MergeError> {
+        let Update {
+            repo,
+            target,
+            auth,
+            since,
+            pushed,
+        } = u;
         let key = (repo.to_owned(), target.to_owned());
         // Clone the Arc out so no map guard lives across an await.
         let slot = self.slots.entry(key.clone()).or_default().clone();
@@ -398,10 +404,12 @@ impl Merger {
                 // distribution answers a HEAD of a tag it is still writing
                 // with a 500; such a hiccup is retried at once, so the push
                 // waiting on this merge still returns with its index.
-                for delay_ms in [20, 100, 400] {
+                let mut backoff =
+                    Backoff::new(Duration::from_millis(20), 5, Duration::from_millis(400));
+                for _ in 0..3 {
                     match &r {
                         Err(e) if e.is_transient() => {
-                            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                            backoff.wait().await;
                             r = self.rebuild_until_stable(repo, target, auth, None).await;
                         }
                         _ => break,
@@ -462,7 +470,7 @@ impl Merger {
         Err(MergeError::NotConverged(MAX_ROUNDS))
     }
 
-    /// One rebuild from one snapshot: plan it, then make the registry say
+    /// One rebuild from one snapshot: decide, then make the registry say
     /// it. `current` is what the target holds, when it was just read.
     /// Returns what it did, and whether it wrote (or deleted) anything.
     async fn rebuild(
@@ -477,47 +485,60 @@ impl Merger {
             Some(c) => c,
             None => self.upstream.get_manifest(repo, target, auth).await?,
         };
-        let Plan {
-            current,
-            desired,
+        let current_digest = current.as_ref().map(|c| c.digest.clone());
+        let Decision {
+            mut desired,
             copies,
             ..
         } = self.plan(repo, target, snapshot, current, auth).await?;
-        let current_digest = current.as_ref().map(|c| c.digest.as_str());
-        let (bytes, media_type, digest, outcome) = match desired {
-            Desired::Nothing => return Ok((Outcome::Nothing, false)),
-            Desired::Delete => {
-                let Some(d) = current_digest else {
-                    return Ok((Outcome::Nothing, false));
-                };
-                // distribution deletes by digest, and a delete takes every tag
-                // on that digest with it: an index also tagged elsewhere by a
-                // user is left in place rather than taking that tag along.
-                let others = self.other_tags_on(repo, target, d, auth).await?;
-                if !others.is_empty() {
-                    tracing::warn!(repo, reference = target, digest = d, also_tagged = ?others, "index has no arch tag left but is tagged elsewhere too; not deleted");
-                    return Ok((Outcome::Unchanged, false));
+        let mut outcome = Outcome::Restored;
+        let (bytes, media_type, digest) = loop {
+            match desired {
+                Desired::Nothing => return Ok((Outcome::Nothing, false)),
+                Desired::Delete => {
+                    let Some(d) = current_digest.as_deref() else {
+                        return Ok((Outcome::Nothing, false));
+                    };
+                    // distribution deletes by digest, and a delete takes every
+                    // tag on that digest with it: an index also tagged
+                    // elsewhere by a user is left in place rather than taking
+                    // that tag along.
+                    let others = self.other_tags_on(repo, target, d, auth).await?;
+                    if !others.is_empty() {
+                        tracing::warn!(repo, reference = target, digest = d, also_tagged = ?others, "index has no arch tag left but is tagged elsewhere too; not deleted");
+                        return Ok((Outcome::Unchanged, false));
+                    }
+                    self.upstream.delete_manifest(repo, d, auth).await?;
+                    return Ok((Outcome::Removed, true));
                 }
-                self.upstream.delete_manifest(repo, d, auth).await?;
-                return Ok((Outcome::Removed, true));
+                Desired::Index(b) => {
+                    if outcome != Outcome::Restored {
+                        // Kept entries of a base that is gone.
+                    } else if current_digest.is_none() {
+                        outcome = Outcome::Created;
+                    } else {
+                        outcome = Outcome::Written;
+                    }
+                    break (Bytes::from(b.bytes), b.media_type.to_owned(), b.digest);
+                }
+                Desired::Restore { base, otherwise } => {
+                    match self.upstream.get_manifest(repo, &base, auth).await? {
+                        Some(m) => break (m.bytes, m.media_type, m.digest),
+                        None => {
+                            tracing::warn!(repo, digest = %base, "the manifest this index amended is gone from the registry");
+                            outcome = Outcome::Written;
+                            desired = *otherwise;
+                        }
+                    }
+                }
             }
-            Desired::Index(b) => {
-                let media_type = b.media_type.to_owned();
-                let outcome = if current.is_none() {
-                    Outcome::Created
-                } else {
-                    Outcome::Written
-                };
-                (Bytes::from(b.bytes), media_type, b.digest, outcome)
-            }
-            Desired::Restore(m) => (m.bytes, m.media_type, m.digest, Outcome::Restored),
         };
         // A registry refuses an index whose children live elsewhere.
         for (from, child) in &copies {
             copy::manifest(&self.upstream, from, repo, child, auth).await?;
         }
         let mut wrote = false;
-        let outcome = if current_digest == Some(digest.as_str()) {
+        let outcome = if current_digest.as_deref() == Some(digest.as_str()) {
             self.metrics.writes_skipped.inc();
             Outcome::Unchanged
         } else {
@@ -554,16 +575,15 @@ impl Merger {
         auth: &Auth,
     ) -> Result<Vec<String>, MergeError> {
         let tags = self.upstream.list_tags(repo, auth).await?;
-        let candidates = tags.into_iter().filter(|t| {
-            t != target
-                && !self.rule(repo).is_arch_tag(t)
-                && !self.rule(repo).extra_targets.contains(t)
-        });
+        let rule = self.rule(repo);
+        let candidates = tags
+            .into_iter()
+            .filter(|t| t != target && !rule.is_arch_tag(t) && !rule.extra_targets.contains(t));
         let heads = candidates.map(|t| async move {
-            let d = self.upstream.head_manifest(repo, &t, auth).await?;
+            let d = self.head_with_retry(repo, &t, auth).await?;
             Ok::<_, UpstreamError>((t, d))
         });
-        Ok(try_join_all(heads)
+        Ok(bounded::try_all(heads)
             .await?
             .into_iter()
             .filter(|(_, d)| d.as_deref() == Some(digest))
@@ -571,113 +591,58 @@ impl Merger {
             .collect())
     }
 
-    /// What the registry's state calls for at `target`, given its arch tags.
-    ///
-    /// Managed entries come from the arch tags; entries of what the target
-    /// holds that archmerge did not make are kept for every platform no
-    /// arch tag provides (amend, never clobber).
-    /// `current` is what the target tag holds (see [`Merger::survey`]).
-    pub async fn plan(
+    /// What the registry's state calls for at `target`: what each arch
+    /// source contributes and what the target holds are read (in
+    /// parallel, bounded), then [`decide::decide`] says what it should hold.
+    async fn plan(
         &self,
         repo: &str,
         target: &str,
         snapshot: &Snapshot,
         current: Option<FetchedManifest>,
         auth: &Auth,
-    ) -> Result<Plan, MergeError> {
+    ) -> Result<Decision, MergeError> {
         let rule = self.rule(repo);
-        let children = snapshot
-            .values()
-            .filter_map(|c| Some((c, c.digest.as_deref()?)));
-        let children = children.map(|(c, digest)| async move {
-            let entries = match self.arch_entries(&c.repo, &c.arch, digest, rule, auth).await {
-                // One unusable arch tag must not hold back the others: it is
-                // left out, loudly, until it is pushed again.
-                Err(MergeError::BadChild { tag, reason }) => {
-                    self.metrics.merge("child_skipped");
-                    tracing::warn!(repo, reference = %tag, error = %reason, "arch tag left out of the index");
-                    Vec::new()
-                }
+        let children = snapshot.values().map(|c| async move {
+            let Some(digest) = c.digest.as_deref() else {
+                return Ok((c.clone(), decide::Contribution::Unreadable));
+            };
+            let contribution = match self
+                .contribution(&c.repo, &c.arch, digest, rule, auth)
+                .await
+            {
+                Err(MergeError::BadChild { reason, .. }) => decide::Contribution::Unusable(reason),
                 other => other?,
             };
-            Ok::<_, MergeError>((c, entries))
+            Ok::<_, MergeError>((c.clone(), contribution))
         });
-        let mut managed: Vec<Entry> = Vec::new();
-        let mut copies: Vec<(String, String)> = Vec::new();
-        for (child, entries) in try_join_all(children).await? {
-            if child.repo != repo {
-                copies.extend(
-                    entries
-                        .iter()
-                        .map(|e| (child.repo.clone(), e.descriptor.digest().to_string())),
-                );
+        let read_current = async {
+            match current {
+                None => Ok(None),
+                Some(m) => self.read_current(repo, m, auth).await.map(Some),
             }
-            managed.extend(entries);
-        }
-        managed.extend(unreadable_entries(snapshot, current.as_ref()));
-
-        let Current {
-            ours,
-            amended,
-            base,
-        } = match &current {
-            None => Current::default(),
-            Some(m) => self.read_current(repo, m, auth).await?,
         };
-        let provided: BTreeSet<_> = managed
-            .iter()
-            .filter(|e| matches!(e.kind, EntryKind::Image))
-            .map(|e| e.platform.key())
-            .collect();
-        let kept_images: BTreeSet<String> = amended
-            .iter()
-            .filter(|e| matches!(e.kind, EntryKind::Image) && !provided.contains(&e.platform.key()))
-            .map(|e| e.descriptor.digest().to_string())
-            .collect();
-        let kept: Vec<Entry> = amended
-            .into_iter()
-            .filter(|e| match &e.kind {
-                EntryKind::Image => kept_images.contains(&e.descriptor.digest().to_string()),
-                EntryKind::Attestation { of } => kept_images.contains(of),
-            })
-            .collect();
-
-        // A required set that is not complete publishes nothing (and takes
-        // back what it published, as when the last arch tag goes).
-        let missing: Vec<String> = rule.missing(&provided).map(|k| k.to_string()).collect();
-        if !missing.is_empty() && !managed.is_empty() {
-            tracing::info!(repo, reference = target, missing = ?missing, "waiting for required arches");
+        let (children, current) = tokio::join!(bounded::try_all(children), read_current);
+        let (children, current) = (children?, current?);
+        for (child, c) in &children {
+            if let decide::Contribution::Unusable(reason) = c {
+                // One unusable arch tag must not hold back the others: it is
+                // left out, loudly, until it is pushed again.
+                self.metrics.merge("child_skipped");
+                tracing::warn!(repo, reference = %child.arch.tag, error = %reason, "arch tag left out of the index");
+            }
         }
-        let desired = if !managed.is_empty() && missing.is_empty() {
-            let mut entries = managed;
-            entries.extend(kept);
-            Desired::Index(self.build(rule, &entries, base)?)
-        } else if ours {
-            self.fall_back(repo, kept, base, auth).await?
-        } else {
-            Desired::Nothing
-        };
-        Ok(Plan {
-            current,
-            desired,
-            copies,
-            missing,
-        })
-    }
-
-    fn build(
-        &self,
-        rule: &Rule,
-        entries: &[Entry],
-        base: Option<String>,
-    ) -> Result<BuiltIndex, MergeError> {
-        let mut annotations = rule.annotations.clone();
-        if let Some(b) = base {
-            annotations.insert(ANN_BASE.to_owned(), b);
+        let decision = decide::decide(rule, repo, &children, current.as_ref())?;
+        if !decision.missing.is_empty()
+            && matches!(
+                decision.desired,
+                Desired::Nothing | Desired::Delete | Desired::Restore { .. }
+            )
+            && !snapshot.is_empty()
+        {
+            tracing::info!(repo, reference = target, missing = ?decision.missing, "waiting for required arches");
         }
-        let built = build_index(entries, rule.index_format, &annotations)
-            .map_err(|e| MergeError::Index(e.to_string()))?;
-        for d in &built.dropped {
+        for d in &decision.dropped {
             tracing::warn!(
                 digest = %d.entry.descriptor.digest(),
                 platform = %d.entry.platform,
@@ -685,51 +650,6 @@ impl Merger {
                 "entry left out of the index"
             );
         }
-        Ok(built)
+        Ok(decision)
     }
-
-    /// The last managed entry is gone: put back what the target held before
-    /// archmerge first wrote there, or delete the index when it held nothing.
-    async fn fall_back(
-        &self,
-        repo: &str,
-        kept: Vec<Entry>,
-        base: Option<String>,
-        auth: &Auth,
-    ) -> Result<Desired, MergeError> {
-        if let Some(base) = base {
-            if let Some(original) = self.upstream.get_manifest(repo, &base, auth).await? {
-                return Ok(Desired::Restore(original));
-            }
-            tracing::warn!(repo, digest = %base, "the manifest this index amended is gone from the registry");
-        }
-        if kept.is_empty() {
-            return Ok(Desired::Delete);
-        }
-        // The original is gone from the registry: list what was kept of it.
-        Ok(Desired::Index(self.build(self.rule(repo), &kept, None)?))
-    }
-}
-
-/// The entries the current index lists for sources these credentials may
-/// not read: kept as they are, so a client scoped to its own repository
-/// never drops an arch that others pushed.
-fn unreadable_entries(snapshot: &Snapshot, current: Option<&FetchedManifest>) -> Vec<Entry> {
-    let unreadable: BTreeSet<&str> = snapshot
-        .values()
-        .filter(|c| c.digest.is_none())
-        .map(|c| c.arch.tag.as_str())
-        .collect();
-    let Some(current) = current.filter(|_| !unreadable.is_empty()) else {
-        return Vec::new();
-    };
-    let Ok(Manifest::Index(idx)) =
-        crate::index::parse_manifest(Some(&current.media_type), &current.bytes)
-    else {
-        return Vec::new();
-    };
-    crate::index::index_entries(&current.digest, &idx)
-        .into_iter()
-        .filter(|e| matches!(&e.source, EntrySource::Managed { arch_tag } if unreadable.contains(arch_tag.as_str())))
-        .collect()
 }

@@ -51,6 +51,9 @@ pub struct Metrics {
     pub writes_skipped: Counter,
     /// Arch tags whose image config disagrees with the tag alias.
     pub platform_mismatches: Counter,
+    /// Arch tags that held no runnable image (an artifact, a chart, a
+    /// signature) and were passed through.
+    pub non_image_arch_tags: Counter,
     /// Background retries of a failed merge.
     pub merge_retries: Counter,
     /// Time until the registry's response headers, every upstream call.
@@ -93,6 +96,12 @@ impl Metrics {
             "Arch tags whose image config platform disagrees with the tag alias",
             platform_mismatches.clone(),
         );
+        let non_image_arch_tags = Counter::default();
+        registry.register(
+            "non_image_arch_tags",
+            "Arch tags holding no runnable image (artifact, chart, signature), passed through untouched",
+            non_image_arch_tags.clone(),
+        );
         let merge_retries = Counter::default();
         registry.register(
             "merge_retries",
@@ -116,6 +125,7 @@ impl Metrics {
             merge_seconds,
             writes_skipped,
             platform_mismatches,
+            non_image_arch_tags,
             merge_retries,
             upstream_seconds,
             cache_hits,

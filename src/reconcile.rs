@@ -2,26 +2,41 @@
 //! registry — a backfill, or a repair after pushes that bypassed archmerge
 //! or after a crash.
 //!
-//! Called by `archmerge reconcile`, by the admin `POST /reconcile`, and by
-//! the registry webhook. It uses archmerge's own upstream credentials and
-//! the same [`Merger::converge`] a push uses, so the result is the same
-//! canonical index. Targets are found two ways: targets of the arch tags
-//! present, and tags holding an index of archmerge's whose arch tags are all
-//! gone (so that those fall back as a delete through archmerge would).
+//! Called by `archmerge reconcile`, by the admin `POST /reconcile`, and for
+//! deletes whose targets are unknown (a webhook delete by digest). It goes
+//! through the same [`Merger::update`] a push does (same metrics, same
+//! retries), so the result is the same canonical index. Targets are found
+//! with the rules' one answer ([`crate::rules::Rule::role`]): targets of the
+//! arch tags present (in the repository, or under a repository pattern in
+//! the target repository), and tags holding an index of archmerge's whose
+//! arch tags are all gone (so that those fall back as a delete through
+//! archmerge would).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
 use serde::Serialize;
 
+use crate::bounded;
 use crate::index::{parse_manifest, read_target_index, Manifest, TargetState};
-use crate::merge::{Merger, Outcome};
-use crate::upstream::{Auth, Upstream, UpstreamError};
+use crate::merge::{Merger, Outcome, Update};
+use crate::rules::Role;
+use crate::upstream::{Auth, UpstreamError};
 
 /// Targets of one repository rebuilt at once.
 const JOBS: usize = 8;
+
+/// Which targets a run rebuilds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Every target: created where absent (backfill, repair).
+    All,
+    /// Only targets whose tag exists now: a target whose index was deleted
+    /// stays deleted (SPEC §3).
+    Existing,
+}
 
 /// What a reconcile run did.
 #[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
@@ -65,20 +80,20 @@ pub struct Progress<'a> {
 /// Reconciles `repos` (the whole catalog when empty).
 pub async fn run(
     merger: &Arc<Merger>,
-    upstream: &Upstream,
     repos: &[String],
+    scope: Scope,
     auth: &Auth,
     mut progress: impl FnMut(&Progress<'_>),
 ) -> Result<Summary, UpstreamError> {
     let repos = if repos.is_empty() {
-        upstream.list_catalog(auth).await?
+        merger.upstream().list_catalog(auth).await?
     } else {
         repos.to_vec()
     };
     let mut summary = Summary::default();
     for repo in &repos {
         summary.repositories += 1;
-        let targets = match targets(merger, upstream, repo, auth).await {
+        let targets = match targets(merger, repo, scope, auth).await {
             Ok(t) => t,
             Err(e) => {
                 summary.failed.push(Failure {
@@ -96,10 +111,14 @@ pub async fn run(
         let rebuilds: Vec<_> = targets
             .iter()
             .map(|(target_repo, target)| async move {
-                let result = merger
-                    .converge(target_repo, target, auth, Instant::now(), None)
-                    .await
-                    .map_err(|e| e.to_string());
+                let update = Update {
+                    repo: target_repo,
+                    target,
+                    auth,
+                    since: Instant::now(),
+                    pushed: None,
+                };
+                let result = merger.update(update).await.map_err(|e| e.to_string());
                 (target_repo, target, result)
             })
             .collect();
@@ -130,39 +149,55 @@ pub async fn run(
 }
 
 /// The targets a repository feeds, as (repository, tag): those of its arch
-/// tags; under a repository pattern, the target repository's tag; and tags
-/// holding an index of archmerge's (found by reading each other tag).
+/// tags (under a repository pattern, the target repository's tag), and tags
+/// holding an index of archmerge's (found by reading each other tag). With
+/// [`Scope::Existing`], only those whose tag exists now.
 async fn targets(
     merger: &Merger,
-    upstream: &Upstream,
     repo: &str,
+    scope: Scope,
     auth: &Auth,
 ) -> Result<Vec<(String, String)>, UpstreamError> {
+    let upstream = merger.upstream();
     let tags = upstream.list_tags(repo, auth).await?;
     let rule = merger.rule(repo);
     let mut targets = BTreeSet::new();
     let mut others = Vec::new();
     for tag in &tags {
-        if let Some(a) = rule.match_tag(tag) {
-            targets.insert((repo.to_owned(), a.target));
-        } else if let Some((target_repo, a)) = rule.match_repository(repo, tag) {
-            targets.insert((target_repo, a.target));
-        } else {
-            others.push(tag);
+        match rule.role(repo, tag) {
+            Role::Arch { repo, arch } => {
+                targets.insert((repo, arch.target));
+            }
+            Role::Target => others.push(tag),
+            Role::Untouched => {}
         }
     }
-    for tag in others {
-        if targets.contains(&(repo.to_owned(), tag.clone())) {
-            continue;
-        }
-        let Some(m) = upstream.get_manifest(repo, tag, auth).await? else {
-            continue;
+    let others = others
+        .into_iter()
+        .filter(|tag| !targets.contains(&(repo.to_owned(), (*tag).clone())));
+    let reads = others.map(|tag| async move {
+        let ours = match upstream.get_manifest(repo, tag, auth).await? {
+            None => false,
+            Some(m) => matches!(
+                parse_manifest(Some(&m.media_type), &m.bytes),
+                Ok(Manifest::Index(idx)) if matches!(read_target_index(&m.digest, &idx), TargetState::Ours { .. })
+            ),
         };
-        if let Ok(Manifest::Index(idx)) = parse_manifest(Some(&m.media_type), &m.bytes) {
-            if matches!(read_target_index(&m.digest, &idx), TargetState::Ours { .. }) {
-                targets.insert((repo.to_owned(), tag.clone()));
+        Ok::<_, UpstreamError>(ours.then(|| (repo.to_owned(), tag.clone())))
+    });
+    targets.extend(bounded::try_all(reads).await?.into_iter().flatten());
+    if scope == Scope::Existing {
+        // Which tags each target repository has: this repository's listing
+        // is at hand; a target repository of a repository pattern is listed.
+        let mut present: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        present.insert(repo.to_owned(), tags.iter().cloned().collect());
+        for (target_repo, _) in &targets {
+            if !present.contains_key(target_repo) {
+                let listed = upstream.list_tags(target_repo, auth).await?;
+                present.insert(target_repo.clone(), listed.into_iter().collect());
             }
         }
+        targets.retain(|(r, t)| present.get(r).is_some_and(|tags| tags.contains(t)));
     }
     Ok(targets.into_iter().collect())
 }

@@ -50,7 +50,7 @@ use crate::body::{self, Body};
 use crate::config::CacheConfig;
 use crate::error::{error_response, ProxyError};
 use crate::forward::{self, proxy_error, ClientSide};
-use crate::merge::{Desired, MergeError, Merger};
+use crate::merge::{Desired, MergeError, Merger, Survey};
 use crate::metrics::{CacheLabels, Metrics};
 use crate::oci::{ErrorCode, MAX_MANIFEST_BYTES};
 use crate::route::Reference;
@@ -147,18 +147,11 @@ impl Aggregates {
         self.metrics.cache_misses.get_or_create(&labels).inc();
         let load = async {
             let loaded_from = Instant::now();
-            let (snapshot, current) = self.merger.survey(repo, target, auth).await?;
-            if snapshot.values().all(|c| c.digest.is_none()) {
-                return Ok(Aggregate {
-                    served: None,
-                    loaded_from,
-                });
-            }
-            let plan = self
-                .merger
-                .plan(repo, target, &snapshot, current, auth)
-                .await?;
-            let served = match plan.desired {
+            let Survey {
+                snapshot, decision, ..
+            } = self.merger.survey(repo, target, auth).await?;
+            let served = match decision.desired {
+                _ if snapshot.values().all(|c| c.digest.is_none()) => None,
                 Desired::Index(built) => {
                     let probe = snapshot
                         .values()

@@ -23,7 +23,6 @@ use tokio::net::TcpListener;
 
 use crate::app::App;
 use crate::body::Body;
-use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, ClientSide};
 use crate::intercept;
@@ -274,15 +273,14 @@ async fn dispatch(
     let (parts, body) = req.into_parts();
     let client = ClientSide::of(&app.config, &parts, peer, tls);
     let req = Request::from_parts(parts, body);
-    let serve_mode = app.config.mode == Mode::Serve;
-    match (req.method(), route) {
-        (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }) if serve_mode => {
-            serve::get_manifest(app, &app.aggregates, req, name, reference, client).await
+    match (req.method(), route, app.indexes.served()) {
+        (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }, Some(aggregates)) => {
+            serve::get_manifest(app, aggregates, req, name, reference, client).await
         }
-        (&Method::PUT, Route::Manifest { name, reference }) => {
+        (&Method::PUT, Route::Manifest { name, reference }, _) => {
             intercept::put_manifest(app, req, name, reference, client).await
         }
-        (&Method::DELETE, Route::Manifest { name, reference }) => {
+        (&Method::DELETE, Route::Manifest { name, reference }, _) => {
             intercept::delete_manifest(app, req, name, reference, client).await
         }
         _ => forward::forward(&app.upstream, req, &client).await,

@@ -41,6 +41,30 @@ pub struct ImageManifestInfo {
     pub config_digest: String,
     /// Media type of its config blob.
     pub config_media_type: String,
+    /// Its `artifactType`, when it declares one (OCI 1.1 artifacts).
+    pub artifact_type: Option<String>,
+}
+
+/// The OCI image config media type.
+const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+
+impl ImageManifestInfo {
+    /// Whether this is a runnable image (SPEC §2): its config is an image
+    /// config (OCI or Docker) and it declares no `artifactType`. An OCI
+    /// artifact, a Helm chart, a signature or an SBOM is not.
+    pub fn is_image(&self) -> bool {
+        self.artifact_type.is_none()
+            && matches!(self.config_media_type.as_str(), OCI_CONFIG | DOCKER_CONFIG)
+    }
+
+    /// What the manifest is when it is not an image, in a few words.
+    pub fn kind(&self) -> String {
+        match &self.artifact_type {
+            Some(t) => format!("an artifact of type {t}"),
+            None if self.is_image() => "an image".to_owned(),
+            None => format!("a manifest with config {}", self.config_media_type),
+        }
+    }
 }
 
 /// The platform fields of an image config, each as present (non-empty) or not.
@@ -149,10 +173,16 @@ pub fn parse_manifest(content_type: Option<&str>, bytes: &[u8]) -> Result<Manife
             let config_digest = field("digest")?;
             oci_spec::image::Digest::try_from(config_digest)
                 .map_err(|e| malformed("image manifest", e))?;
+            let artifact_type = match obj.get("artifactType") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(t.clone()),
+                Some(_) => return Err(malformed("image manifest", "artifactType is not a string")),
+            };
             Ok(Manifest::Image(ImageManifestInfo {
                 config_media_type: field("mediaType")?.to_owned(),
                 config_digest: config_digest.to_owned(),
                 media_type,
+                artifact_type,
             }))
         }
         mt if DOCKER_SCHEMA1.contains(&mt) => Err(IndexError::Schema1),

@@ -10,7 +10,9 @@ use std::sync::Arc;
 
 use moka::future::Cache;
 
-use super::{Current, Facts, MergeError, Merger, Pushed};
+use super::decide::{Contribution, Current};
+use super::{Facts, MergeError, Merger, Pushed};
+use crate::bounded;
 use crate::index::{
     self, entry_platform, flatten, parse_config_platform, parse_manifest, read_target_index,
     ConfigPlatform, Entry, EntryKind, EntrySource, Manifest, TargetState, ANN_BASE,
@@ -20,6 +22,7 @@ use crate::platform::Platform;
 use crate::rules::ArchTag;
 use crate::rules::Rule;
 use crate::upstream::{Auth, FetchedManifest};
+use oci_spec::image::Descriptor;
 
 impl Merger {
     /// Caches the facts of a manifest a client just pushed, so the rebuild
@@ -46,6 +49,9 @@ impl Merger {
             return;
         };
         if let Manifest::Image(info) = &facts.manifest {
+            if !info.is_image() {
+                return;
+            }
             let _ = self
                 .config_platform(p.repo, &info.config_digest, auth)
                 .await;
@@ -58,28 +64,35 @@ impl Merger {
     pub(super) async fn read_current(
         &self,
         repo: &str,
-        current: &FetchedManifest,
+        current: FetchedManifest,
         auth: &Auth,
     ) -> Result<Current, MergeError> {
         let parsed = parse_manifest(Some(&current.media_type), &current.bytes)
             .map_err(|e| MergeError::Unmergeable(e.to_string()))?;
         match parsed {
-            Manifest::Index(idx) => Ok(match read_target_index(&current.digest, &idx) {
-                TargetState::Ours { amended } => Current {
-                    ours: true,
-                    amended,
-                    base: idx
-                        .annotations()
-                        .as_ref()
-                        .and_then(|a| a.get(ANN_BASE))
-                        .cloned(),
-                },
-                TargetState::Foreign { entries } => Current {
-                    ours: false,
-                    amended: entries,
-                    base: Some(current.digest.clone()),
-                },
-            }),
+            Manifest::Index(idx) => {
+                let entries = index::index_entries(&current.digest, &idx);
+                Ok(match read_target_index(&current.digest, &idx) {
+                    TargetState::Ours { amended } => Current {
+                        ours: true,
+                        amended,
+                        base: idx
+                            .annotations()
+                            .as_ref()
+                            .and_then(|a| a.get(ANN_BASE))
+                            .cloned(),
+                        entries,
+                        manifest: current,
+                    },
+                    TargetState::Foreign { entries: amended } => Current {
+                        ours: false,
+                        amended,
+                        base: Some(current.digest.clone()),
+                        entries,
+                        manifest: current,
+                    },
+                })
+            }
             Manifest::Image(info) => {
                 let config = self
                     .config_platform(repo, &info.config_digest, auth)
@@ -111,46 +124,60 @@ impl Merger {
                             from: current.digest.clone(),
                         },
                     }],
+                    entries: Vec::new(),
+                    manifest: current,
                 })
             }
         }
     }
 
-    /// The entries one arch tag contributes: its image, or the flattened
-    /// images and attestations of its index.
-    pub(super) async fn arch_entries(
+    /// What one arch tag contributes: its image, or the flattened images
+    /// and attestations of its index; nothing when it holds no runnable
+    /// image (reported once per tag and digest).
+    pub(super) async fn contribution(
         &self,
         repo: &str,
         arch: &ArchTag,
         digest: &str,
         rule: &Rule,
         auth: &Auth,
-    ) -> Result<Vec<Entry>, MergeError> {
+    ) -> Result<Contribution, MergeError> {
         let facts = self.facts(repo, digest, auth).await?;
         let managed = EntrySource::Managed {
             arch_tag: arch.tag.clone(),
         };
-        match &facts.manifest {
+        let entries = match &facts.manifest {
+            Manifest::Image(info) if !info.is_image() => {
+                return Ok(self.not_an_image(repo, arch, digest, info.kind()));
+            }
             Manifest::Image(info) => {
                 let config = self
                     .config_platform(repo, &info.config_digest, auth)
                     .await
                     .ok();
                 let platform = self.decide_platform(repo, arch, digest, rule, config.as_deref());
-                Ok(vec![Entry {
+                vec![Entry {
                     descriptor: descriptor(&facts.media_type, digest, facts.size)?,
                     platform,
                     kind: EntryKind::Image,
                     source: managed,
-                }])
+                }]
             }
             Manifest::Index(idx) => {
-                let picked =
-                    flatten(idx, &arch.platform.key()).map_err(|e| MergeError::BadChild {
-                        tag: arch.tag.clone(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(picked
+                if let Some(t) = idx.artifact_type() {
+                    let what = format!("an index of artifact type {t}");
+                    return Ok(self.not_an_image(repo, arch, digest, what));
+                }
+                let picked = match flatten(idx, &arch.platform.key()) {
+                    Ok(p) => p,
+                    Err(e) => return Ok(Contribution::Unusable(e.to_string())),
+                };
+                let picked = self.only_images(repo, picked, auth).await?;
+                if picked.is_empty() {
+                    let what = "an index of no runnable image".to_owned();
+                    return Ok(self.not_an_image(repo, arch, digest, what));
+                }
+                picked
                     .into_iter()
                     .map(|(d, kind)| {
                         let platform = match kind {
@@ -180,9 +207,61 @@ impl Merger {
                             source: managed.clone(),
                         }
                     })
-                    .collect())
+                    .collect()
             }
+        };
+        Ok(Contribution::Entries(entries))
+    }
+
+    /// The images of a flattened index that are runnable images (read by
+    /// digest, cached), and the attestations of those.
+    async fn only_images(
+        &self,
+        repo: &str,
+        picked: Vec<(Descriptor, EntryKind)>,
+        auth: &Auth,
+    ) -> Result<Vec<(Descriptor, EntryKind)>, MergeError> {
+        let checks = picked.iter().map(|(d, kind)| async move {
+            if *kind != EntryKind::Image {
+                return Ok(true);
+            }
+            if d.artifact_type().is_some() {
+                return Ok(false);
+            }
+            match self.facts(repo, d.digest().as_ref(), auth).await {
+                Ok(f) => Ok(matches!(&f.manifest, Manifest::Image(i) if i.is_image())),
+                Err(MergeError::BadChild { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        });
+        let runnable = bounded::try_all(checks).await?;
+        let images: Vec<String> = picked
+            .iter()
+            .zip(&runnable)
+            .filter(|((_, kind), ok)| **ok && *kind == EntryKind::Image)
+            .map(|((d, _), _)| d.digest().to_string())
+            .collect();
+        Ok(picked
+            .into_iter()
+            .zip(runnable)
+            .filter(|((_, kind), ok)| match kind {
+                EntryKind::Image => *ok,
+                EntryKind::Attestation { of } => images.contains(of),
+            })
+            .map(|(p, _)| p)
+            .collect())
+    }
+
+    /// An arch tag that holds no runnable image: passed through, counted,
+    /// and logged once per (tag, digest) and process.
+    fn not_an_image(&self, repo: &str, arch: &ArchTag, digest: &str, what: String) -> Contribution {
+        let key = (arch.tag.clone(), digest.to_owned());
+        if !self.not_images_seen.contains_key(&key) {
+            self.not_images_seen.insert(key, ());
+            self.metrics.non_image_arch_tags.inc();
+            tracing::warn!(repo, reference = %arch.tag, %digest, holds = %what, "arch tag holds no runnable image; passed through");
         }
+        Contribution::NotImage(what)
     }
 
     fn decide_platform(
@@ -292,9 +371,13 @@ fn descriptor(
     digest: &str,
     size: u64,
 ) -> Result<oci_spec::image::Descriptor, MergeError> {
-    let digest: oci_spec::image::Digest = digest
-        .parse()
-        .map_err(|e: oci_spec::OciSpecError| MergeError::Index(e.to_string()))?;
+    let digest: oci_spec::image::Digest =
+        digest
+            .parse()
+            .map_err(|e: oci_spec::OciSpecError| MergeError::BadChild {
+                tag: digest.to_owned(),
+                reason: e.to_string(),
+            })?;
     Ok(oci_spec::image::Descriptor::new(
         oci_spec::image::MediaType::from(media_type),
         size,

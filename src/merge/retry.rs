@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{MergeError, Merger};
+use super::{MergeError, Merger, Update};
 use crate::upstream::Auth;
 
 /// First delay, cap, and how long to keep trying.
@@ -30,10 +30,14 @@ impl Merger {
             loop {
                 tokio::time::sleep(delay).await;
                 this.metrics.merge_retries.inc();
-                match this
-                    .converge(&key.0, &key.1, &auth, Instant::now(), None)
-                    .await
-                {
+                let update = Update {
+                    repo: &key.0,
+                    target: &key.1,
+                    auth: &auth,
+                    since: Instant::now(),
+                    pushed: None,
+                };
+                match this.converge(update).await {
                     Ok(outcome) => {
                         this.metrics.merge(outcome.label());
                         tracing::info!(repo = %key.0, reference = %key.1, outcome = outcome.label(), "merge converged on retry");

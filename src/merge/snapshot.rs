@@ -19,9 +19,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::future::join_all;
-
 use super::{Child, MergeError, Merger, Snapshot};
+use crate::bounded;
 use crate::rules::ArchTag;
 use crate::upstream::{Auth, FetchedManifest, UpstreamError};
 
@@ -44,16 +43,6 @@ pub struct Pushed<'a> {
 type Found = Result<Option<Option<String>>, UpstreamError>;
 
 impl Merger {
-    /// The target's arch tags and their digests, from the registry.
-    pub async fn snapshot(
-        &self,
-        repo: &str,
-        target: &str,
-        auth: &Auth,
-    ) -> Result<Snapshot, MergeError> {
-        self.snapshot_with(repo, target, auth, None, None).await
-    }
-
     /// A snapshot, HEADing the arch tags of `expected` (by default the
     /// target's last snapshot) while the tags are listed, and taking the
     /// digest of `pushed` as the registry's answer gave it.
@@ -107,8 +96,8 @@ impl Merger {
             .map(|tag| async move { (tag.to_owned(), self.head(repo, repo, tag, auth).await) });
         let (tags, early, patterned) = tokio::join!(
             self.listings.tags(&self.upstream, repo, auth, began),
-            join_all(early),
-            join_all(patterned),
+            bounded::all(early),
+            bounded::all(patterned),
         );
         let tags = tags?;
         let mut early: HashMap<String, Found> = early.into_iter().collect();
@@ -130,7 +119,7 @@ impl Merger {
                     (repo.to_owned(), arch, found)
                 }
             });
-        let local = join_all(local).await;
+        let local = bounded::all(local).await;
 
         let mut snapshot = Snapshot::new();
         for (source, arch, found) in local.into_iter().chain(patterned) {
@@ -155,18 +144,10 @@ impl Merger {
         }
     }
 
-    /// A snapshot and what the target tag holds, read at the same time.
-    pub async fn survey(
-        &self,
-        repo: &str,
-        target: &str,
-        auth: &Auth,
-    ) -> Result<(Snapshot, Option<FetchedManifest>), MergeError> {
-        self.survey_with(repo, target, auth, None).await
-    }
-
-    /// [`Merger::survey`] after `pushed` was accepted (whose image config
-    /// is loaded meanwhile, for the plan that follows).
+    /// A snapshot and what the target tag holds, read at the same time,
+    /// after `pushed` was accepted: its image config is loaded meanwhile,
+    /// for the plan that follows, and when it was pushed at the target
+    /// itself it is what the target holds.
     pub(super) async fn survey_with(
         &self,
         repo: &str,
@@ -174,9 +155,16 @@ impl Merger {
         auth: &Auth,
         pushed: Option<Pushed<'_>>,
     ) -> Result<(Snapshot, Option<FetchedManifest>), MergeError> {
+        let at_target = pushed.filter(|p| p.repo == repo && p.tag == target);
+        let current = async {
+            match at_target {
+                Some(p) => Ok(Some(p.manifest.clone())),
+                None => self.upstream.get_manifest(repo, target, auth).await,
+            }
+        };
         let (snapshot, current, ()) = tokio::join!(
             self.snapshot_with(repo, target, auth, pushed, None),
-            self.upstream.get_manifest(repo, target, auth),
+            current,
             self.warm(pushed, auth),
         );
         Ok((snapshot?, current?))

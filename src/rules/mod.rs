@@ -4,6 +4,8 @@
 //!   arch tag, and of which target?
 //! - [`repository`] — per-repository rules: globs, repository patterns,
 //!   allow-lists, required sets, extra targets, index format.
+//! - [`write`] — what a write means: which targets a manifest stored or
+//!   deleted at a tag touches, and how. The one answer every caller uses.
 //!
 //! `config` builds a [`RuleSet`] from the TOML (`config/rules.rs` holds that
 //! mapping, since it reports errors with config's positions); everything
@@ -11,6 +13,8 @@
 
 pub mod repository;
 pub mod tags;
+pub mod write;
 
 pub use repository::{arch_key, Glob, RepoPattern, RepoPatternError, Rule, RuleSet};
 pub use tags::{AliasTable, ArchTag, Pattern, RuleError, TagRules};
+pub use write::{How, Role, Touch, Write};

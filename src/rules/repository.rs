@@ -171,20 +171,7 @@ impl Rule {
         if !is_valid_tag(tag) || self.tags.is_arch_tag(tag) {
             return None;
         }
-        let mut best: Option<(usize, String, &str, &Platform)> = None;
-        for pattern in &self.repository_patterns {
-            for (alias, platform) in self.tags.aliases.iter() {
-                if !self.allows(platform) {
-                    continue;
-                }
-                if let Some(target) = pattern.match_alias(repo, alias) {
-                    if best.as_ref().is_none_or(|b| alias.len() > b.0) {
-                        best = Some((alias.len(), target, alias, platform));
-                    }
-                }
-            }
-        }
-        let (_, target_repo, alias, platform) = best?;
+        let (target_repo, alias, platform) = self.source_of(repo)?;
         Some((
             target_repo,
             ArchTag {
@@ -194,6 +181,31 @@ impl Rule {
                 target: tag.to_owned(),
             },
         ))
+    }
+
+    /// The target repository of a per-arch repository (one a repository
+    /// pattern matches).
+    pub fn target_repository(&self, repo: &str) -> Option<String> {
+        self.source_of(repo).map(|(target_repo, ..)| target_repo)
+    }
+
+    /// (target repository, alias, platform) of a per-arch repository: the
+    /// longest alias that fits any repository pattern wins.
+    fn source_of(&self, repo: &str) -> Option<(String, &str, &Platform)> {
+        let mut best: Option<(String, &str, &Platform)> = None;
+        for pattern in &self.repository_patterns {
+            for (alias, platform) in self.tags.aliases.iter() {
+                if !self.allows(platform) {
+                    continue;
+                }
+                if let Some(target) = pattern.match_alias(repo, alias) {
+                    if best.as_ref().is_none_or(|b| alias.len() > b.1.len()) {
+                        best = Some((target, alias, platform));
+                    }
+                }
+            }
+        }
+        best
     }
 
     /// Every source repository a target repository may draw arches from,
