@@ -7,6 +7,10 @@
 #   docker-registry  the CNCF distribution registry the tests start
 #   skopeo           the image client the tests push and pull with
 #   docker.io        only for its `docker` CLI (`docker manifest inspect`)
+#   buildah, podman  the manifest-list clients (`buildah manifest push --all`)
+#   python3-pip      when python3 has no pip, to install the PyPI package below
+# and one PyPI package, when `python3 -c 'import oras'` fails:
+#   oras             oras-py, the artifact client (tests/support/clients.rs)
 #
 # Environment:
 #   ARCHMERGE_ALLOW_NO_DOCKER=1  pass even when no Docker engine answers (the
@@ -27,13 +31,27 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v buildah >/dev/null 2>&1 || need+=(buildah)
+command -v podman >/dev/null 2>&1 || need+=(podman)
+if ! command -v python3 >/dev/null 2>&1; then
+    need+=(python3 python3-pip)
+elif ! python3 -c 'import oras' >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+    need+=(python3-pip)
+fi
+sudo=()
+if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
 if ((${#need[@]})); then
-    sudo=()
-    if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
     note "installing ${need[*]}"
     "${sudo[@]}" apt-get update
     "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive \
         apt-get install -y --no-install-recommends "${need[@]}"
+fi
+if ! python3 -c 'import oras' >/dev/null 2>&1; then
+    note "installing oras (PyPI)"
+    # A Debian python3 refuses to install into its own environment
+    # (PEP 668) unless told to.
+    python3 -m pip install --quiet oras ||
+        python3 -m pip install --quiet --break-system-packages oras
 fi
 
 # === the docker engine suite: run it, or say loudly that it did not run ===

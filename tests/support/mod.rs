@@ -15,6 +15,8 @@
 //!   answers a real registry cannot be told to give.
 //! - `image` — deterministic OCI image layouts with real tar layers.
 //! - `tools` — skopeo and docker, with timeouts and loud failures.
+//! - `clients` — buildah (manifest lists) and PyPI `oras` (artifacts), each
+//!   with its own storage and configuration.
 //! - `auth` — htpasswd files (bcrypt) and clients that send HTTP Basic.
 //! - `manifest` — manifest requests with any `Accept`, answers kept whole,
 //!   the eight arches of the alias table and an index's entries.
@@ -33,6 +35,7 @@
 
 mod auth;
 mod certs;
+mod clients;
 mod fake;
 mod faults;
 mod http;
@@ -46,6 +49,8 @@ mod tools;
 pub use auth::*;
 #[allow(unused_imports)]
 pub use certs::*;
+#[allow(unused_imports)]
+pub use clients::*;
 #[allow(unused_imports)]
 pub use fake::*;
 #[allow(unused_imports)]
