@@ -12,8 +12,10 @@
 //!
 //! The two POST endpoints change the registry, so they need
 //! `Authorization: Bearer <admin_token>`; with no token configured,
-//! `/reconcile` is refused and `/events` is open to the (loopback) admin
-//! address only by where it listens.
+//! `/reconcile` is refused and `/events` is open to the admin address only
+//! by where it listens, which must then be loopback (config refuses any
+//! other). `/events` queues its work, bounded ([`events::Queue`]): an
+//! envelope that does not fit is answered 503 with `Retry-After`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -52,6 +54,7 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.timeouts.header_read);
     tokio::pin!(shutdown);
+    let queue = events::Queue::start(app.clone());
     tracing::info!(addr = %listener.local_addr()?, "admin listening");
     loop {
         let (stream, _) = tokio::select! {
@@ -65,10 +68,10 @@ pub async fn run(
             },
             _ = &mut shutdown => return Ok(()),
         };
-        let app = app.clone();
+        let (app, queue) = (app.clone(), queue.clone());
         let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req).await) }
+            let (app, queue) = (app.clone(), queue.clone());
+            async move { Ok::<_, Infallible>(handle(&app, &queue, req).await) }
         });
         let conn = builder
             .serve_connection(TokioIo::new(stream), service)
@@ -79,7 +82,7 @@ pub async fn run(
     }
 }
 
-async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, queue: &events::Queue, req: Request<Incoming>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/reconcile") => {
             if app.config.admin_token.is_none() {
@@ -138,10 +141,20 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                 Err(e) => return text(StatusCode::BAD_REQUEST, &format!("reading events: {e}\n")),
             };
             match events::parse(&body, &app.config.merge.rules) {
-                Ok(work) => {
-                    events::apply(app, work);
-                    text(StatusCode::OK, "accepted\n")
-                }
+                Ok(work) => match queue.push(work) {
+                    Ok(()) => text(StatusCode::OK, "accepted\n"),
+                    // Refused whole: the registry delivers the envelope again.
+                    Err(full) => {
+                        tracing::warn!(error = %full, "webhook queue full; envelope refused");
+                        let mut resp = text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            &format!("{full}; deliver again later\n"),
+                        );
+                        resp.headers_mut()
+                            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("5"));
+                        resp
+                    }
+                },
                 Err(e) => text(
                     StatusCode::BAD_REQUEST,
                     &format!("not an event envelope: {e}\n"),

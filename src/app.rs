@@ -30,6 +30,10 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     /// What the mode does with targets.
     pub indexes: Indexes,
+    /// The budget of buffered manifest bytes, in KiB permits: manifest
+    /// bodies are read whole before the registry authenticates the client,
+    /// so what all of them may pin together is bounded.
+    pub manifest_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -42,17 +46,20 @@ impl App {
             upstream.clone(),
             config.merge.clone(),
             config.cache.max_bytes,
+            config.upstream_credentials.as_ref(),
             metrics.clone(),
         ));
         let indexes = match config.mode {
             Mode::Write => Indexes::Write(merger.clone()),
-            Mode::Serve => Indexes::Serve(Aggregates::new(
+            Mode::Serve => Indexes::Serve(Box::new(Aggregates::new(
                 merger.clone(),
                 metrics.clone(),
                 &config.cache,
-            )),
+            ))),
         };
+        let kib = (config.manifest_buffer_bytes / 1024) as usize;
         Ok(Arc::new(App {
+            manifest_budget: Arc::new(tokio::sync::Semaphore::new(kib)),
             config,
             upstream,
             merger,
@@ -69,7 +76,7 @@ pub enum Indexes {
     Write(Arc<Merger>),
     /// `serve`: nothing is written; GETs of targets are answered with the
     /// synthesized index, and a write only drops what is cached of it.
-    Serve(Aggregates),
+    Serve(Box<Aggregates>),
 }
 
 /// A write the registry accepted (or a delete it carried out), and the

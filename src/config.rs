@@ -93,6 +93,7 @@ struct RawConfig {
     admin_token: Option<S>,
     log_format: Option<S>,
     max_connections: Option<Spanned<usize>>,
+    manifest_buffer_mib: Option<Spanned<u64>>,
     #[serde(default)]
     upstream_auth: RawUpstreamAuth,
     #[serde(default)]
@@ -239,6 +240,11 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Most client connections served at once.
     pub max_connections: usize,
+    /// Most manifest bytes buffered at once, across all requests: manifest
+    /// bodies are read whole before the registry is asked, so before it
+    /// authenticates the client; this bounds what unauthenticated clients
+    /// can pin.
+    pub manifest_buffer_bytes: u64,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Caches.
@@ -485,6 +491,13 @@ impl<'a> Check<'a> {
             .pick(&s.admin_token, raw.admin_token)
             .map(|g| g.value)
             .filter(|t| !t.is_empty());
+        if !admin_listen.ip().is_loopback() && admin_token.is_none() {
+            self.errors.push(format!(
+                "admin_listen: {admin_listen} is not a loopback address, and POST /events and \
+                 POST /reconcile change the registry: set admin_token (--admin-token, \
+                 ARCHMERGE_ADMIN_TOKEN) or listen on 127.0.0.1"
+            ));
+        }
         let upstream_credentials = self.credentials(s, raw.upstream_auth);
 
         let timeouts = Timeouts {
@@ -508,6 +521,19 @@ impl<'a> Check<'a> {
             }
             Some(g) => g.value,
             None => 4096,
+        };
+        let manifest_buffer_bytes = match raw.manifest_buffer_mib {
+            Some(v) if !(4..=4096).contains(v.get_ref()) => {
+                let at = Some(v.span().start);
+                self.error(
+                    "manifest_buffer_mib",
+                    at,
+                    "must be 4 to 4096 (one manifest may be 4 MiB)",
+                );
+                16 << 20
+            }
+            Some(v) => v.into_inner() << 20,
+            None => 16 << 20,
         };
         let staleness = match raw.cache.staleness_ms {
             Some(v) if !(1..=60_000).contains(v.get_ref()) => {
@@ -561,6 +587,7 @@ impl<'a> Check<'a> {
                 admin_token,
                 log_format,
                 max_connections,
+                manifest_buffer_bytes,
                 timeouts,
                 cache,
                 merge: MergeConfig { rules },

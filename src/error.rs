@@ -23,6 +23,9 @@ pub enum Fault {
     Client,
     /// The registry was unreachable or too slow (502/503/504).
     Upstream,
+    /// archmerge is at one of its own bounds under load (503 with
+    /// `Retry-After`).
+    Overload,
     /// A bug or resource problem inside archmerge (500).
     Internal,
 }
@@ -42,6 +45,13 @@ pub enum ProxyError {
     /// The client's body could not be read (reset, or too slow).
     #[error("reading the request body failed: {0}")]
     ClientBody(String),
+    /// The client's manifest body did not arrive in time.
+    #[error("the manifest body did not arrive within {0:?}")]
+    ClientTimeout(Duration),
+    /// archmerge is at a limit of its own (buffered manifest bytes); the
+    /// client should retry shortly.
+    #[error("archmerge is busy: {0}; retry shortly")]
+    Busy(&'static str),
     /// The registry could not be reached.
     #[error("the registry is unreachable: {0}")]
     UpstreamUnreachable(String),
@@ -59,8 +69,10 @@ impl ProxyError {
         match self {
             ProxyError::Route(_)
             | ProxyError::ManifestTooLarge { .. }
-            | ProxyError::ClientBody(_) => Fault::Client,
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientTimeout(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
+            ProxyError::Busy(_) => Fault::Overload,
             ProxyError::Internal(_) => Fault::Internal,
         }
     }
@@ -70,6 +82,8 @@ impl ProxyError {
         match self {
             ProxyError::Route(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -81,7 +95,8 @@ impl ProxyError {
         match self {
             ProxyError::Route(e) => e.code,
             ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
-            ProxyError::ClientBody(_) => ErrorCode::ManifestInvalid,
+            ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) => ErrorCode::ManifestInvalid,
+            ProxyError::Busy(_) => ErrorCode::TooManyRequests,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::Internal(_) => ErrorCode::Unavailable,
@@ -97,11 +112,17 @@ impl ProxyError {
             Fault::Upstream => {
                 tracing::warn!(%method, route, status, error = %self, "upstream failed")
             }
+            Fault::Overload => tracing::warn!(%method, route, status, error = %self, "refused"),
             Fault::Internal => {
                 tracing::error!(%method, route, status, error = %self, "internal error")
             }
         }
-        error_response(self.status(), self.code(), &self.to_string())
+        let mut resp = error_response(self.status(), self.code(), &self.to_string());
+        if let ProxyError::Busy(_) = self {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 

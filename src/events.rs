@@ -11,7 +11,7 @@
 //! through archmerge arrive here too; their rebuild finds the index already
 //! right and writes nothing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,13 +55,15 @@ struct Target {
 /// What the events ask archmerge to do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Work {
-    /// The targets the events touch, and how.
-    pub touches: BTreeSet<Touch>,
-    /// Pushed (repo, tag, digest): distribution sends the event from inside
-    /// the manifest save, *before* it links the tag, so each is awaited
-    /// (bounded) before the rebuild that should see it.
-    pub pushed: BTreeSet<(String, String, String)>,
+    /// The targets the events touch, and how, each with the pushes to await
+    /// before it is rebuilt.
+    pub touches: BTreeMap<Touch, BTreeSet<PushedTag>>,
 }
+
+/// A push an event reports, as (repo, tag, digest): distribution sends the
+/// event from inside the manifest save, *before* it links the tag, so it is
+/// awaited (bounded) before the rebuild that should see it.
+pub type PushedTag = (String, String, String);
 
 /// Reads an envelope; events that are not about manifests are ignored.
 pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
@@ -80,47 +82,132 @@ pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
             ("delete", None) => Write::DeletedUnknown,
             _ => continue,
         };
-        let touches = rules.for_repo(&t.repository).touches(&t.repository, write);
-        if let (Write::Put(tag), false) = (write, touches.is_empty()) {
-            if crate::oci::is_valid_digest(&t.digest) {
-                work.pushed
-                    .insert((t.repository.clone(), tag.to_owned(), t.digest.clone()));
+        let pushed = match write {
+            Write::Put(tag) if crate::oci::is_valid_digest(&t.digest) => {
+                Some((t.repository.clone(), tag.to_owned(), t.digest.clone()))
             }
+            _ => None,
+        };
+        for touch in rules.for_repo(&t.repository).touches(&t.repository, write) {
+            work.touches
+                .entry(touch)
+                .or_default()
+                .extend(pushed.clone());
         }
-        work.touches.extend(touches);
     }
     Ok(work)
 }
 
-/// Acts on the work in the background, with archmerge's own credentials.
-pub fn apply(app: &Arc<App>, work: Work) {
-    if work.touches.is_empty() {
-        return;
+/// Targets waiting for the webhook's workers, at most.
+pub const QUEUE: usize = 512;
+
+/// Targets the webhook's workers rebuild at once.
+const WORKERS: usize = 4;
+
+/// The webhook's bounded work: touched targets wait here, coalesced (a
+/// target touched again while it waits is queued once), and a few workers
+/// rebuild them with archmerge's own credentials. An envelope that would
+/// overflow the queue is refused whole ([`Full`]); the registry delivers it
+/// again later.
+pub struct Queue {
+    pending: std::sync::Mutex<Pending>,
+    wake: tokio::sync::Notify,
+}
+
+/// What waits: each target, and the pushes to await before rebuilding it.
+/// Behind a `std::sync::Mutex`: it is never held across an `.await`.
+type Pending = BTreeMap<Touch, BTreeSet<PushedTag>>;
+
+/// The queue has no room for an envelope.
+#[derive(Debug, thiserror::Error)]
+#[error("{pending} targets already wait for the webhook's workers (at most {QUEUE})")]
+pub struct Full {
+    /// Targets waiting.
+    pub pending: usize,
+}
+
+impl Queue {
+    /// An empty queue and its workers, which run until the process ends.
+    pub fn start(app: Arc<App>) -> Arc<Queue> {
+        let queue = Arc::new(Queue {
+            pending: std::sync::Mutex::new(Pending::default()),
+            wake: tokio::sync::Notify::new(),
+        });
+        for _ in 0..WORKERS {
+            tokio::spawn(queue.clone().work(app.clone()));
+        }
+        queue
     }
-    let app = app.clone();
-    tokio::spawn(async move {
+
+    /// Queues what an envelope touches, or refuses it whole when it would
+    /// not fit.
+    pub fn push(&self, work: Work) -> Result<(), Full> {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let new = work.touches.keys().filter(|t| !p.contains_key(t)).count();
+        if p.len() + new > QUEUE {
+            return Err(Full { pending: p.len() });
+        }
+        for (touch, pushed) in work.touches {
+            p.entry(touch).or_default().extend(pushed);
+        }
+        drop(p);
+        self.wake.notify_waiters();
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Targets waiting now.
+    pub fn len(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// One worker: takes a target (and the pushes it must wait for) and
+    /// brings it up to date, until the process ends.
+    async fn work(self: Arc<Self>, app: Arc<App>) {
         let auth = Auth::own(app.config.upstream_credentials.as_ref());
-        let waits = work
-            .pushed
-            .iter()
-            .map(|(repo, tag, digest)| tag_points_at(&app, repo, tag, digest, &auth));
-        bounded::all(waits).await;
-        let touches: Vec<Touch> = work.touches.into_iter().collect();
-        // Failures are logged, counted and retried inside.
-        app.indexes
-            .after_write(Accepted {
-                touches: &touches,
-                auth: &auth,
-                since: Instant::now(),
-                pushed: None,
-            })
-            .await;
-    });
+        loop {
+            let next = self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop_first();
+            let Some((touch, pushed)) = next else {
+                self.wake.notified().await;
+                continue;
+            };
+            let waits = pushed
+                .iter()
+                .map(|(repo, tag, digest)| tag_points_at(&app, repo, tag, digest, &auth));
+            bounded::all(waits).await;
+            // Failures are logged, counted and retried inside.
+            app.indexes
+                .after_write(Accepted {
+                    touches: std::slice::from_ref(&touch),
+                    auth: &auth,
+                    since: Instant::now(),
+                    pushed: None,
+                })
+                .await;
+        }
+    }
 }
 
 /// Waits (bounded) until `repo:tag` points at `digest`: the registry may
 /// notify before it has linked the tag.
 async fn tag_points_at(app: &App, repo: &str, tag: &str, digest: &str, auth: &Auth) {
+    // The registry stores the manifest before it notifies: one that is not
+    // there (deleted since, or an event made up) has nothing to wait for.
+    if !matches!(
+        app.upstream.head_manifest(repo, digest, auth).await,
+        Ok(Some(_))
+    ) {
+        return;
+    }
     let deadline = Instant::now() + TAG_WAIT;
     let mut backoff = Backoff::new(Duration::from_millis(20), 2, Duration::from_millis(500));
     loop {
@@ -166,7 +253,7 @@ mod tests {
           {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"BAD","tag":"x86_64"}}
         ]}"#;
         let work = parse(body, &rules()).unwrap();
-        let touches: Vec<_> = work.touches.into_iter().collect();
+        let touches: Vec<_> = work.touches.keys().cloned().collect();
         assert_eq!(
             touches,
             vec![
@@ -178,8 +265,38 @@ mod tests {
                 },
             ]
         );
-        let pushed: Vec<_> = work.pushed.into_iter().map(|p| p.1).collect();
-        assert_eq!(pushed, ["aarch64_v1"]);
+        // Only the arch push named a digest: its rebuild awaits its tag.
+        let awaited: Vec<_> = work
+            .touches
+            .values()
+            .map(|p| p.iter().map(|p| p.1.as_str()).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(awaited, [vec!["aarch64_v1"], vec![], vec![]]);
+    }
+
+    #[test]
+    fn the_queue_coalesces_and_refuses_what_does_not_fit() {
+        let queue = Queue {
+            pending: std::sync::Mutex::new(Pending::default()),
+            wake: tokio::sync::Notify::new(),
+        };
+        let work = |n: usize| Work {
+            touches: (0..n)
+                .map(|i| {
+                    (
+                        target("app", &format!("v{i}"), How::NewBase),
+                        BTreeSet::new(),
+                    )
+                })
+                .collect(),
+        };
+        queue.push(work(QUEUE - 1)).unwrap();
+        // The same targets again take no room.
+        queue.push(work(QUEUE - 1)).unwrap();
+        assert_eq!(queue.len(), QUEUE - 1);
+        queue.push(work(QUEUE)).unwrap();
+        assert!(queue.push(work(QUEUE + 1)).is_err());
+        assert_eq!(queue.len(), QUEUE);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::{Accepted, App};
 use crate::body::{self, Body};
@@ -49,7 +50,12 @@ pub async fn put_manifest(
             limit: MAX_MANIFEST_BYTES,
         });
     }
-    let bytes = read_manifest_body(incoming).await?;
+    let limit = app.config.timeouts.header_read;
+    let (bytes, _budget) =
+        match tokio::time::timeout(limit, read_manifest_body(app, incoming)).await {
+            Ok(read) => read?,
+            Err(_) => return Err(ProxyError::ClientTimeout(limit)),
+        };
     let media_type = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -183,20 +189,56 @@ async fn drain(mut incoming: Incoming) {
     .await;
 }
 
-/// Buffers a manifest body, refusing (and draining) more than the limit.
-async fn read_manifest_body(mut incoming: Incoming) -> Result<Bytes, ProxyError> {
+/// How long a manifest body waits for room in the buffer budget before it
+/// is refused with 503.
+const BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// Buffers a manifest body, refusing (and draining) more than the limit,
+/// and holding its size in the global budget (returned; released when
+/// dropped) for as long as the bytes are kept.
+async fn read_manifest_body(
+    app: &App,
+    mut incoming: Incoming,
+) -> Result<(Bytes, OwnedSemaphorePermit), ProxyError> {
     let mut buf = bytes::BytesMut::new();
+    let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = incoming.frame().await {
         let frame = frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?;
         if let Some(data) = frame.data_ref() {
             if buf.len() + data.len() > MAX_MANIFEST_BYTES {
+                drop(held);
                 drain(incoming).await;
                 return Err(ProxyError::ManifestTooLarge {
                     limit: MAX_MANIFEST_BYTES,
                 });
             }
+            let need = (buf.len() + data.len()).div_ceil(1024) as u32;
+            let have = held.as_ref().map_or(0, |p| p.num_permits() as u32);
+            if need > have {
+                let more = app.manifest_budget.clone().acquire_many_owned(need - have);
+                match tokio::time::timeout(BUDGET_WAIT, more).await {
+                    Ok(Ok(p)) => match &mut held {
+                        Some(h) => h.merge(p),
+                        None => held = Some(p),
+                    },
+                    _ => {
+                        drop(held);
+                        drain(incoming).await;
+                        return Err(ProxyError::Busy("too many manifest bytes are buffered"));
+                    }
+                }
+            }
             buf.extend_from_slice(data);
         }
     }
-    Ok(buf.freeze())
+    let held = match held {
+        Some(h) => h,
+        // An empty body holds nothing.
+        None => app
+            .manifest_budget
+            .clone()
+            .try_acquire_many_owned(0)
+            .map_err(|_| ProxyError::Busy("the manifest budget is closed"))?,
+    };
+    Ok((buf.freeze(), held))
 }

@@ -227,6 +227,9 @@ pub struct Merger {
     last_snapshots: moka::sync::Cache<TargetKey, Arc<Snapshot>>,
     /// Tag listings in flight, shared by concurrent snapshots.
     listings: listing::Listings,
+    /// archmerge's own credentials (`upstream_auth`), when configured:
+    /// background retries use them, since a client's token expires.
+    own: Option<Auth>,
 }
 
 impl Merger {
@@ -235,6 +238,7 @@ impl Merger {
         upstream: Upstream,
         config: MergeConfig,
         cache_bytes: u64,
+        own_credentials: Option<&crate::config::Credentials>,
         metrics: Arc<Metrics>,
     ) -> Merger {
         Merger {
@@ -255,6 +259,7 @@ impl Merger {
                 .max_capacity(LAST_SNAPSHOT_CHILDREN)
                 .build(),
             listings: listing::Listings::default(),
+            own: own_credentials.map(|c| Auth::own(Some(c))),
         }
     }
 
@@ -320,14 +325,39 @@ impl Merger {
         })
     }
 
-    /// Every target that has arch tags in `repo`.
+    /// Every target of `repo` that has arch tags: its own, and under a
+    /// repository pattern those of its per-arch repositories.
     pub async fn targets_in(&self, repo: &str, auth: &Auth) -> Result<Vec<String>, MergeError> {
-        let tags = self.upstream.list_tags(repo, auth).await?;
-        let mut targets: Vec<String> = tags
-            .iter()
-            .filter_map(|t| self.rule(repo).match_tag(t))
-            .map(|a| a.target)
-            .collect();
+        let rule = self.rule(repo);
+        let sources = rule
+            .source_repositories(repo)
+            .into_iter()
+            .map(|(source, ..)| source);
+        let listings = std::iter::once(repo.to_owned())
+            .chain(sources)
+            .map(|source| async move {
+                let tags = match self.upstream.list_tags(&source, auth).await {
+                    // A per-arch repository these credentials may not list
+                    // gives nothing to find there.
+                    Err(e) if e.is_auth() && source != repo => Vec::new(),
+                    other => other?,
+                };
+                Ok::<_, UpstreamError>((source, tags))
+            });
+        let mut targets = Vec::new();
+        for (source, tags) in bounded::try_all(listings).await? {
+            for tag in tags {
+                if let Role::Arch {
+                    repo: target_repo,
+                    arch,
+                } = rule.role(&source, &tag)
+                {
+                    if target_repo == repo {
+                        targets.push(arch.target);
+                    }
+                }
+            }
+        }
         targets.sort();
         targets.dedup();
         Ok(targets)

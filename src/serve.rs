@@ -35,6 +35,7 @@
 //! list) and 404 otherwise: rewriting an OCI index as a Docker list would
 //! change its digest.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -47,6 +48,7 @@ use moka::Expiry;
 
 use crate::app::App;
 use crate::body::{self, Body};
+use crate::bounded;
 use crate::config::CacheConfig;
 use crate::error::{error_response, ProxyError};
 use crate::forward::{self, proxy_error, ClientSide};
@@ -77,21 +79,51 @@ struct Aggregate {
     loaded_from: Instant,
 }
 
-/// Expires an aggregate `staleness` after its load began listing tags.
+/// The indexes archmerge serves in one repository, found by one search of
+/// its targets, and when the search began (for the expiry).
+#[derive(Clone)]
+struct Searched {
+    by_digest: Arc<HashMap<String, Arc<Served>>>,
+    loaded_from: Instant,
+}
+
+/// A cached value whose freshness counts from the start of its load.
+trait LoadedFrom {
+    fn loaded_from(&self) -> Instant;
+}
+
+impl LoadedFrom for Aggregate {
+    fn loaded_from(&self) -> Instant {
+        self.loaded_from
+    }
+}
+
+impl LoadedFrom for Searched {
+    fn loaded_from(&self) -> Instant {
+        self.loaded_from
+    }
+}
+
+/// Expires a value `staleness` after its load began listing tags.
 struct FromLoadStart {
     staleness: Duration,
 }
 
-impl Expiry<(String, String), Aggregate> for FromLoadStart {
-    fn expire_after_create(
-        &self,
-        _key: &(String, String),
-        value: &Aggregate,
-        created_at: Instant,
-    ) -> Option<Duration> {
-        let deadline = value.loaded_from + self.staleness;
+impl<K, V: LoadedFrom> Expiry<K, V> for FromLoadStart {
+    fn expire_after_create(&self, _key: &K, value: &V, created_at: Instant) -> Option<Duration> {
+        let deadline = value.loaded_from() + self.staleness;
         Some(deadline.saturating_duration_since(created_at))
     }
+}
+
+/// A load that failed, and for whom: a failure is the loader's answer only.
+/// Callers with other credentials that waited on it load for themselves;
+/// it is never handed to another identity (a 401 for an anonymous caller
+/// must not become a 404 for an authorized one).
+#[derive(Debug)]
+struct Failed {
+    by: [u8; 32],
+    error: MergeError,
 }
 
 /// The serve-mode caches.
@@ -102,6 +134,10 @@ pub struct Aggregates {
     by_target: Cache<(String, String), Aggregate>,
     /// (repo, digest) → served index; immutable by content addressing.
     by_digest: Cache<(String, String), Arc<Served>>,
+    /// repo → every index served there, bounded staleness: a digest that
+    /// neither cache knows costs at most one search of the repository per
+    /// staleness period, however many are asked for.
+    searched: Cache<String, Searched>,
 }
 
 impl Aggregates {
@@ -121,6 +157,12 @@ impl Aggregates {
                 .max_capacity(config.max_bytes)
                 .time_to_idle(config.served_digest_ttl)
                 .build(),
+            searched: Cache::builder()
+                .max_capacity(10_000)
+                .expire_after(FromLoadStart {
+                    staleness: config.staleness,
+                })
+                .build(),
         }
     }
 
@@ -129,6 +171,7 @@ impl Aggregates {
         self.by_target
             .invalidate(&(repo.to_owned(), target.to_owned()))
             .await;
+        self.searched.invalidate(repo).await;
     }
 
     /// The index to serve at `repo:target`, if it has arch tags.
@@ -137,7 +180,7 @@ impl Aggregates {
         repo: &str,
         target: &str,
         auth: &Auth,
-    ) -> Result<Option<Arc<Served>>, Arc<MergeError>> {
+    ) -> Result<Option<Arc<Served>>, MergeError> {
         let key = (repo.to_owned(), target.to_owned());
         let labels = CacheLabels { cache: "aggregate" };
         if let Some(a) = self.by_target.get(&key).await {
@@ -145,42 +188,72 @@ impl Aggregates {
             return Ok(a.served);
         }
         self.metrics.cache_misses.get_or_create(&labels).inc();
-        let load = async {
-            let loaded_from = Instant::now();
-            let Survey {
-                snapshot, decision, ..
-            } = self.merger.survey(repo, target, auth).await?;
-            let served = match decision.desired {
-                _ if snapshot.values().all(|c| c.digest.is_none()) => None,
-                Desired::Index(built) => {
-                    let probe = snapshot
-                        .values()
-                        .find_map(|c| c.digest.clone())
-                        .unwrap_or_default();
-                    let served = Arc::new(Served {
-                        bytes: Bytes::from(built.bytes),
-                        digest: built.digest,
-                        media_type: built.media_type,
-                        probe,
-                    });
-                    self.by_digest
-                        .insert((repo.to_owned(), served.digest.clone()), served.clone())
-                        .await;
-                    Some(served)
-                }
-                _ => None,
-            };
-            Ok::<_, MergeError>(Aggregate {
-                served,
-                loaded_from,
-            })
+        let load = self.load_target(repo, target, auth);
+        match self.by_target.try_get_with(key.clone(), load).await {
+            Ok(a) => Ok(a.served),
+            Err(f) if f.by == auth.fingerprint() => Err(f.error.clone()),
+            // Another identity's failure: load with this caller's own
+            // credentials (and share the result if it works).
+            Err(_) => {
+                let a = self
+                    .load_target(repo, target, auth)
+                    .await
+                    .map_err(|f| f.error)?;
+                self.by_target.insert(key, a.clone()).await;
+                Ok(a.served)
+            }
+        }
+    }
+
+    async fn load_target(
+        &self,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+    ) -> Result<Aggregate, Failed> {
+        let loaded_from = Instant::now();
+        let failed = |error| Failed {
+            by: auth.fingerprint(),
+            error,
         };
-        Ok(self.by_target.try_get_with(key, load).await?.served)
+        let Survey {
+            snapshot, decision, ..
+        } = self
+            .merger
+            .survey(repo, target, auth)
+            .await
+            .map_err(failed)?;
+        let served = match decision.desired {
+            _ if snapshot.values().all(|c| c.digest.is_none()) => None,
+            Desired::Index(built) => {
+                let probe = snapshot
+                    .values()
+                    .find_map(|c| c.digest.clone())
+                    .unwrap_or_default();
+                let served = Arc::new(Served {
+                    bytes: Bytes::from(built.bytes),
+                    digest: built.digest,
+                    media_type: built.media_type,
+                    probe,
+                });
+                self.by_digest
+                    .insert((repo.to_owned(), served.digest.clone()), served.clone())
+                    .await;
+                Some(served)
+            }
+            _ => None,
+        };
+        Ok(Aggregate {
+            served,
+            loaded_from,
+        })
     }
 
     /// The index with `digest` in `repo`, if archmerge serves it: from the
-    /// cache, or (another replica made it) by rebuilding the repository's
-    /// targets and looking for it.
+    /// cache, or (another replica made it, or it is no index at all) from
+    /// the latest search of the repository's targets — at most one search
+    /// per repository and staleness period, so random digests cost the
+    /// registry next to nothing.
     pub async fn for_digest(&self, repo: &str, digest: &str, auth: &Auth) -> Option<Arc<Served>> {
         if let Some(s) = self
             .by_digest
@@ -189,14 +262,44 @@ impl Aggregates {
         {
             return Some(s);
         }
-        for target in self.merger.targets_in(repo, auth).await.ok()? {
-            if let Ok(Some(s)) = self.for_target(repo, &target, auth).await {
-                if s.digest == digest {
-                    return Some(s);
-                }
+        let search = self.search(repo, auth);
+        let found = match self.searched.try_get_with(repo.to_owned(), search).await {
+            Ok(s) => s,
+            Err(f) if f.by == auth.fingerprint() => return None,
+            Err(_) => {
+                let s = self.search(repo, auth).await.ok()?;
+                self.searched.insert(repo.to_owned(), s.clone()).await;
+                s
             }
+        };
+        found.by_digest.get(digest).cloned()
+    }
+
+    /// Every index served in `repo` right now (bounded fan-out over its
+    /// targets).
+    async fn search(&self, repo: &str, auth: &Auth) -> Result<Searched, Failed> {
+        let loaded_from = Instant::now();
+        let failed = |error| Failed {
+            by: auth.fingerprint(),
+            error,
+        };
+        let targets = self.merger.targets_in(repo, auth).await.map_err(failed)?;
+        let loads = targets
+            .iter()
+            .map(|target| self.for_target(repo, target, auth));
+        let mut by_digest = HashMap::new();
+        for s in bounded::try_all(loads)
+            .await
+            .map_err(failed)?
+            .into_iter()
+            .flatten()
+        {
+            by_digest.insert(s.digest.clone(), s);
         }
-        None
+        Ok(Searched {
+            by_digest: Arc::new(by_digest),
+            loaded_from,
+        })
     }
 }
 

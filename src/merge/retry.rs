@@ -2,6 +2,12 @@
 //! with backoff, one loop per target, until it converges, the registry
 //! refuses the credentials, or the retry window closes (then `archmerge
 //! reconcile` or the next push repairs it).
+//!
+//! A client's bearer token expires within minutes, so a retry carries
+//! archmerge's own credentials (`upstream_auth`) when they are configured,
+//! and the client's otherwise; when those are refused, the retries stop
+//! with a log line that says so and `archmerge_merges_total{outcome=
+//! "abandoned_credentials"}`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +29,7 @@ impl Merger {
             return;
         }
         let this = self.clone();
-        let auth = auth.clone();
+        let auth = self.own.clone().unwrap_or_else(|| auth.clone());
         tokio::spawn(async move {
             let deadline = Instant::now() + RETRY_FOR;
             let mut delay = RETRY_FIRST;
@@ -49,6 +55,16 @@ impl Merger {
                     {
                         tracing::warn!(repo = %key.0, reference = %key.1, error = %e, retry_in_s = delay.as_secs(), "merge retry failed");
                         delay = (delay * 2).min(RETRY_CAP);
+                    }
+                    Err(MergeError::Upstream(e)) if e.is_auth() => {
+                        this.metrics.merge("abandoned_credentials");
+                        let whose = if this.own.is_some() {
+                            "archmerge's own credentials (upstream_auth) were refused"
+                        } else {
+                            "the pushing client's credentials were refused (a token expires); configure upstream_auth so retries use archmerge's own"
+                        };
+                        tracing::error!(repo = %key.0, reference = %key.1, error = %e, cause = whose, "merge retries stopped; run `archmerge reconcile`");
+                        break;
                     }
                     Err(e) => {
                         this.metrics.merge("abandoned");
