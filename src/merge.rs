@@ -142,6 +142,14 @@ impl Outcome {
     }
 }
 
+/// Whether a fetched manifest is an index (or Docker list).
+fn is_index(m: &FetchedManifest) -> bool {
+    matches!(
+        crate::index::parse_manifest(Some(&m.media_type), &m.bytes),
+        Ok(Manifest::Index(_))
+    )
+}
+
 /// Which arch tags a target has, and the digest each points at.
 pub type Snapshot = BTreeMap<String, Child>;
 
@@ -649,6 +657,9 @@ impl Merger {
         let read_current = async {
             match current {
                 None => Ok(None),
+                // With no arch source, only an index of archmerge's matters
+                // (to fall back); a plain image is left alone unread.
+                Some(m) if snapshot.is_empty() && !is_index(&m) => Ok(None),
                 Some(m) => self.read_current(repo, m, auth).await.map(Some),
             }
         };

@@ -162,10 +162,14 @@ impl Merger {
                 None => self.upstream.get_manifest(repo, target, auth).await,
             }
         };
+        // The pushed image's config is needed when it is an arch tag's; one
+        // pushed at the target itself is read only if the target has arch
+        // tags.
+        let arch_push = pushed.filter(|_| at_target.is_none());
         let (snapshot, current, ()) = tokio::join!(
             self.snapshot_with(repo, target, auth, pushed, None),
             current,
-            self.warm(pushed, auth),
+            self.warm(arch_push, auth),
         );
         Ok((snapshot?, current?))
     }
