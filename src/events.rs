@@ -5,7 +5,7 @@
 //! (`application/vnd.docker.distribution.events.v1+json`) of events to the
 //! admin listener's `/events`. [`parse`] reads manifest pushes and deletes
 //! and asks the rules what each touches ([`crate::rules::Rule::touches`],
-//! the same answer a push through archmerge gets); [`apply`] acts on them
+//! the same answer a push through archmerge gets); [`Queue`] acts on them
 //! with archmerge's own credentials, in the background: the registry only
 //! needs a quick 2xx, and retries deliveries that fail. Writes that came
 //! through archmerge arrive here too; their rebuild finds the index already

@@ -9,50 +9,66 @@
 //!
 //! # Layout
 //!
-//! I/O at the edges, pure code in the middle:
+//! I/O at the edges, pure code in the middle. The request path, in the order
+//! a request meets it:
 //!
 //! - `main.rs` — CLI → config → telemetry → bind → [`server::run`].
-//! - [`config`] — flags, `ARCHMERGE_*` env and TOML → validated [`config::Config`].
-//! - [`app`] — the state every handler shares.
-//! - [`server`] — accept loop, HTTP/1.1 + HTTP/2, dispatch, graceful shutdown.
+//! - [`server`] — the listener: accept, TLS, HTTP/1.1 + HTTP/2, routing of
+//!   each request to forward, intercept or serve; the one log line.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
-//! - [`intercept`] — manifest PUT/DELETE: forward first, then hand arch tags to merge.
-//! - [`merge`] — rebuild a target from the registry; per-target locks; verify loop.
+//! - [`intercept`] — manifest PUT/DELETE: forward first, then ask the rules what
+//!   the write touches and bring those targets up to date.
 //! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.
-//! - [`tls`] — rustls on the listener and towards an https registry.
-//! - [`upstream`] — the pooled registry client and typed registry calls.
-//! - [`rules`] — pure: tag patterns and the alias table ([`rules::tags`]), per-repository
-//!   rules ([`rules::repository`]).
-//! - [`platform`] — pure: platform normalisation and matching.
+//!
+//! The write model, below the handlers:
+//!
+//! - [`app`] — the state every handler shares, and the mode as one type
+//!   ([`app::Indexes`]: write or serve) with `after_write`.
+//! - [`rules`] — pure: tag patterns and aliases ([`rules::tags`]), per-repository
+//!   rules ([`rules::repository`]), and what a write touches ([`rules::write`]).
+//! - [`merge`] — [`merge::Merger::update`], the one entry point: snapshot and
+//!   facts read from the registry, a pure decision ([`merge::decide`]), the
+//!   write, the verification; per-target locks and background retries.
 //! - [`index`] — pure: entries → canonical index bytes + digest; manifest parsing.
-//! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
-//! - [`error`] — the request-boundary error and its response.
+//! - [`platform`] — pure: platform normalisation and matching.
+//! - [`upstream`] — the pooled registry client and typed registry calls.
 //! - [`bounded`] — every fan-out's concurrency limit, and backoff.
-//! - [`body`] — the one body type for streamed and buffered bodies.
+//!
+//! Operations and the rest:
+//!
+//! - [`config`] — flags, `ARCHMERGE_*` env and TOML → validated [`config::Config`].
+//! - [`admin`] — the admin listener: health, readiness, metrics, reconcile, webhook.
+//! - [`events`] — the registry's notification webhook and its bounded queue.
 //! - [`reconcile`] — build or repair the indexes for arch tags already in the registry.
 //! - [`inspect`] — what a target lists, entry by entry.
+//! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
+//! - [`error`] — the request-boundary error and its response.
+//! - [`body`] — the one body type for streamed and buffered bodies.
 //! - [`metrics`] — Prometheus families.
-//! - [`admin`] — the admin listener: health, readiness, metrics, reconcile, webhook.
-//! - [`events`] — the registry's notification webhook.
+//! - [`tls`] — rustls on the listener and towards an https registry.
 //!
-//! Layering: `server` calls `forward` and `intercept`; `intercept` calls
-//! `merge`; `merge` calls `upstream` and the pure modules. Nothing calls
-//! back up.
+//! Layering: `server` calls `forward`, `intercept` and `serve`; those call
+//! `app` (the mode) and `rules`; `app` calls `merge` and `reconcile`; `merge`
+//! calls `upstream` and the pure modules. Nothing calls back up.
 //!
 //! # Request lifecycle
 //!
 //! 1. **Route** — [`route::parse`]; an invalid name, tag or digest is
 //!    answered 400 here, before the registry is asked.
-//! 2. **Forward or intercept** — everything but a manifest PUT/DELETE is
-//!    streamed to the registry and back ([`forward::forward`]). A manifest
-//!    PUT is buffered (≤ 4 MiB, else 413) and forwarded.
-//! 3. **Merge** — if the registry accepted a PUT of an arch tag, the
-//!    target's index is rebuilt from the registry's arch tags and written
-//!    ([`merge::Merger::after_push`]) before the client is answered.
-//! 4. **Respond** — the client gets the registry's own answer to its push,
-//!    whatever the merge did (a failed merge is retried in the background).
-//! 5. **Log** — one line and one metric per request, in [`server::handle`].
+//! 2. **Forward or intercept** — everything but a manifest PUT/DELETE (and,
+//!    in serve mode, a manifest GET/HEAD) is streamed to the registry and
+//!    back ([`forward::forward`]). A manifest PUT is buffered (≤ 4 MiB, else
+//!    413; within a global budget, else 503) and forwarded.
+//! 3. **What it touches** — if the registry accepted the write,
+//!    [`rules::Rule::touches`] says which targets it touches and how (an arch
+//!    tag changed, a new base at the target, the target deleted).
+//! 4. **Merge** — [`app::Indexes::after_write`] brings each up to date
+//!    ([`merge::Merger::update`]) before the client is answered.
+//! 5. **Respond** — the client gets the registry's own answer to its write,
+//!    whatever the merge did (a failed merge is said in a `Warning` and
+//!    retried in the background).
+//! 6. **Log** — one line and one metric per request, in [`server::handle`].
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

@@ -2,7 +2,7 @@
 //! digest, are answered by archmerge; nothing is written to the registry.
 //!
 //! The index served is the one write mode would store: the same
-//! [`crate::merge::Merger::plan`] over the same registry state, so the same
+//! [`crate::merge::Merger::survey`] over the same registry state, so the same
 //! canonical bytes and digest.
 //!
 //! # Authorization

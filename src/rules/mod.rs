@@ -4,7 +4,7 @@
 //!   arch tag, and of which target?
 //! - [`repository`] — per-repository rules: globs, repository patterns,
 //!   allow-lists, required sets, extra targets, index format.
-//! - [`write`] — what a write means: which targets a manifest stored or
+//! - [`mod@write`] — what a write means: which targets a manifest stored or
 //!   deleted at a tag touches, and how. The one answer every caller uses.
 //!
 //! `config` builds a [`RuleSet`] from the TOML (`config/rules.rs` holds that
