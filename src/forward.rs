@@ -11,12 +11,14 @@
 //! `Docker-*`, `OCI-*`, `Link`, `ETag`, error bodies — passes untouched.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Request, Response, Version};
 use hyper::body::Incoming;
 
 use crate::body::{self, Body};
+use crate::bounded::Backoff;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::upstream::{Upstream, UpstreamError};
@@ -64,16 +66,54 @@ impl ClientSide {
     }
 }
 
+/// How many times a request that is safe to repeat is sent again after the
+/// registry failed it transiently.
+pub const RETRIES: usize = 2;
+
 /// Forwards a request with its streamed body and streams the answer back.
+/// A GET or HEAD without a body is safe to repeat: a registry 5xx, or a
+/// connection that broke before any answer, is tried again ([`RETRIES`]
+/// times, short backoff); nothing else ever is.
 pub async fn forward(
     upstream: &Upstream,
     req: Request<Incoming>,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
+    use http_body::Body as _;
     let (parts, incoming) = req.into_parts();
-    let req = upstream_request(upstream, parts, body::stream(incoming), client);
-    let resp = upstream.send(req).await.map_err(proxy_error)?;
-    Ok(downstream_response(resp, upstream, client))
+    let repeatable =
+        matches!(parts.method, http::Method::GET | http::Method::HEAD) && incoming.is_end_stream();
+    if !repeatable {
+        let req = upstream_request(upstream, parts, body::stream(incoming), client);
+        let resp = upstream.send(req).await.map_err(proxy_error)?;
+        return Ok(downstream_response(resp, upstream, client));
+    }
+    let mut backoff = Backoff::new(Duration::from_millis(50), 4, Duration::from_millis(400));
+    let mut attempt = 0;
+    loop {
+        let req = upstream_request(upstream, copy_parts(&parts), body::empty(), client);
+        let reason = match upstream.send(req).await {
+            Ok(resp) if resp.status().is_server_error() && attempt < RETRIES => "status_5xx",
+            Err(UpstreamError::Unreachable(_)) if attempt < RETRIES => "unreachable",
+            Ok(resp) => return Ok(downstream_response(resp, upstream, client)),
+            Err(e) => return Err(proxy_error(e)),
+        };
+        attempt += 1;
+        upstream.count_retry(reason);
+        tracing::debug!(method = %parts.method, reason, attempt, "retrying a request that is safe to repeat");
+        backoff.wait().await;
+    }
+}
+
+/// The parts of a request without a body, again (`Parts` is not `Clone`:
+/// its extensions are not; none are needed upstream).
+pub fn copy_parts(parts: &request::Parts) -> request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    req.into_parts().0
 }
 
 /// The request archmerge sends to the registry for a client's request.

@@ -14,13 +14,14 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response};
+use http::{header, request, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::{Accepted, App};
 use crate::body::{self, Body};
+use crate::bounded::{self, Backoff};
 use crate::error::ProxyError;
 use crate::forward::{self, proxy_error, ClientSide};
 use crate::merge::Pushed;
@@ -64,15 +65,12 @@ pub async fn put_manifest(
         .to_owned();
     let auth = Auth::client(parts.headers.get(header::AUTHORIZATION).cloned());
 
-    let mut up = forward::upstream_request(&app.upstream, parts, body::full(bytes.clone()), client);
-    up.headers_mut()
-        .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-    let resp = app.upstream.send(up).await.map_err(proxy_error)?;
+    let resp = put_upstream(app, parts, &bytes, &auth, client).await?;
     let accepted_at = Instant::now();
     if !resp.status().is_success() {
         // The registry's refusal (malformed manifest, auth, …) goes back as
         // it was sent; no index is touched.
-        return Ok(forward::downstream_response(resp, &app.upstream, client));
+        return Ok(resp.map(body::full));
     }
     let pushed = FetchedManifest {
         digest: crate::index::sha256_digest(&bytes),
@@ -83,21 +81,13 @@ pub async fn put_manifest(
         // A child pushed by digest before its index (buildx, `manifest push
         // --all`): remembered, so the merge that follows need not read it.
         app.merger.remember(pushed).await;
-        return Ok(forward::downstream_response(resp, &app.upstream, client));
+        return Ok(resp.map(body::full));
     };
     let touches = app.merger.rule(repo).touches(repo, Write::Put(&tag));
     if touches.is_empty() {
-        return Ok(forward::downstream_response(resp, &app.upstream, client));
+        return Ok(resp.map(body::full));
     }
-    // Take the registry's (small) answer off the connection before the
-    // merge's own calls, so the pooled connection is free for them.
-    let (mut parts, incoming) = resp.into_parts();
-    forward::downstream_parts(&mut parts, &app.upstream, client);
-    let answer = Limited::new(incoming, MAX_MANIFEST_BYTES)
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .unwrap_or_default();
+    let (mut parts, answer) = resp.into_parts();
     app.merger.remember(pushed.clone()).await;
     let warnings = app
         .indexes
@@ -121,6 +111,77 @@ pub async fn put_manifest(
         }
     }
     Ok(Response::from_parts(parts, body::full(answer)))
+}
+
+/// PUTs the client's manifest to the registry and reads its (small) answer,
+/// rewritten for the client. distribution, racing in its own storage under
+/// parallel pushes that share layers, now and then refuses a manifest
+/// whose blobs it does have (400 `MANIFEST_BLOB_UNKNOWN`): when every blob
+/// the manifest names then proves to exist (HEADs with the client's
+/// credentials), the same bytes are PUT again, at most
+/// [`forward::RETRIES`] times. Nothing else is repeated.
+async fn put_upstream(
+    app: &App,
+    parts: request::Parts,
+    bytes: &Bytes,
+    auth: &Auth,
+    client: &ClientSide,
+) -> Result<Response<Bytes>, ProxyError> {
+    let mut backoff = Backoff::new(Duration::from_millis(50), 4, Duration::from_millis(400));
+    let mut attempt = 0;
+    loop {
+        let copy = forward::copy_parts(&parts);
+        let mut up =
+            forward::upstream_request(&app.upstream, copy, body::full(bytes.clone()), client);
+        up.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        let resp = app.upstream.send(up).await.map_err(proxy_error)?;
+        // Taken off the connection before any further call, so the pooled
+        // connection is free for them.
+        let (mut head, incoming) = resp.into_parts();
+        forward::downstream_parts(&mut head, &app.upstream, client);
+        let answer = Limited::new(incoming, MAX_MANIFEST_BYTES)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let refused_blobs = head.status == StatusCode::BAD_REQUEST
+            && crate::oci::error_codes(&answer).any(|c| c == "MANIFEST_BLOB_UNKNOWN");
+        if !refused_blobs
+            || attempt >= forward::RETRIES
+            || !blobs_exist(app, &parts, bytes, auth).await
+        {
+            return Ok(Response::from_parts(head, answer));
+        }
+        attempt += 1;
+        app.upstream.count_retry("blob_unknown");
+        tracing::info!(
+            attempt,
+            "the registry refused a manifest whose blobs exist; sending it again"
+        );
+        backoff.wait().await;
+    }
+}
+
+/// Whether every blob an image manifest names exists in its repository.
+async fn blobs_exist(app: &App, parts: &request::Parts, bytes: &Bytes, auth: &Auth) -> bool {
+    let Ok(crate::route::Route::Manifest { name, .. }) = crate::route::parse(parts.uri.path())
+    else {
+        return false;
+    };
+    let Ok(manifest) = serde_json::from_slice::<oci_spec::image::ImageManifest>(bytes) else {
+        return false;
+    };
+    let digests = std::iter::once(manifest.config().digest().to_string())
+        .chain(manifest.layers().iter().map(|l| l.digest().to_string()));
+    let heads = digests.map(|d| {
+        let name = &name;
+        async move { app.upstream.has_blob(name, &d, auth).await }
+    });
+    bounded::all(heads)
+        .await
+        .into_iter()
+        .all(|found| matches!(found, Ok(true)))
 }
 
 /// A manifest DELETE: find what it takes with it, forward, then bring every

@@ -38,6 +38,14 @@ pub struct CacheLabels {
     pub cache: &'static str,
 }
 
+/// Labels of a retried registry request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `status_5xx`, `unreachable` (GET/HEAD) or `blob_unknown` (a manifest
+    /// PUT whose blobs then proved to exist).
+    pub reason: &'static str,
+}
+
 /// All metric families.
 pub struct Metrics {
     registry: Registry,
@@ -56,6 +64,9 @@ pub struct Metrics {
     pub non_image_arch_tags: Counter,
     /// Background retries of a failed merge.
     pub merge_retries: Counter,
+    /// Client requests archmerge sent to the registry again, by why: safe to
+    /// repeat, and failed transiently.
+    pub upstream_retries: Family<RetryLabels, Counter>,
     /// Time until the registry's response headers, every upstream call.
     pub upstream_seconds: Histogram,
     /// Cache hits by cache.
@@ -102,6 +113,12 @@ impl Metrics {
             "Arch tags holding no runnable image (artifact, chart, signature), passed through untouched",
             non_image_arch_tags.clone(),
         );
+        let upstream_retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Client requests sent to the registry again after a transient failure (GET/HEAD on 5xx; a manifest PUT whose unknown blobs exist)",
+            upstream_retries.clone(),
+        );
         let merge_retries = Counter::default();
         registry.register(
             "merge_retries",
@@ -127,6 +144,7 @@ impl Metrics {
             platform_mismatches,
             non_image_arch_tags,
             merge_retries,
+            upstream_retries,
             upstream_seconds,
             cache_hits,
             cache_misses,

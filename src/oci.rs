@@ -6,7 +6,7 @@
 //! itself. Error bodies that come from the registry are never rebuilt here:
 //! they are passed through untouched by `forward`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Largest manifest body archmerge buffers (and the registry accepts by
 /// default): 4 MiB.
@@ -66,6 +66,26 @@ impl ErrorBody<'_> {
         // Serializing a struct of a unit enum and a &str cannot fail.
         serde_json::to_vec(&body).unwrap_or_default()
     }
+}
+
+/// The codes of a registry's OCI error body (`{"errors":[{"code":…}]}`);
+/// none for a body that is not one.
+pub fn error_codes(body: &[u8]) -> impl Iterator<Item = String> {
+    #[derive(Deserialize)]
+    struct Body {
+        #[serde(default)]
+        errors: Vec<Code>,
+    }
+    #[derive(Deserialize)]
+    struct Code {
+        #[serde(default)]
+        code: String,
+    }
+    serde_json::from_slice::<Body>(body)
+        .map(|b| b.errors)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.code)
 }
 
 // === grammar ===

@@ -196,6 +196,14 @@ impl Upstream {
         })
     }
 
+    /// Counts a client request sent to the registry again.
+    pub fn count_retry(&self, reason: &'static str) {
+        self.metrics
+            .upstream_retries
+            .get_or_create(&crate::metrics::RetryLabels { reason })
+            .inc();
+    }
+
     /// The registry URI for a path and query.
     pub fn uri(&self, path_and_query: &str) -> Uri {
         Uri::builder()

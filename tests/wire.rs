@@ -410,3 +410,144 @@ async fn every_accept_line_goes_up_and_hop_by_hop_headers_do_not() {
     );
     assert_eq!(up.header("keep-alive"), None, "Keep-Alive went up");
 }
+
+// === retries of what is safe to repeat (SPEC §9) ===
+
+#[tokio::test]
+async fn a_get_the_registry_fails_transiently_is_tried_again_and_nothing_else_is() {
+    // distribution answers 500 to a blob HEAD that races a parallel push of
+    // the same layer. A GET or HEAD is safe to repeat; an upload is not.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let gets = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = gets.clone();
+    let fake =
+        FakeUpstream::start(
+            move |req, _| match (req.method.as_str(), req.target.as_str()) {
+                ("GET", t) if t.starts_with("/v2/flaky/") => {
+                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                        FakeResponse::new(500).body("storage hiccup")
+                    } else {
+                        FakeResponse::new(200).body("the blob")
+                    }
+                }
+                ("GET", t) if t.starts_with("/v2/down/") => {
+                    FakeResponse::new(503).body("still down")
+                }
+                _ => FakeResponse::new(500).body("upload failed"),
+            },
+        );
+    let proxy = spawn_archmerge(&fake.url());
+    let c = http();
+    let digest = digest_of(b"x");
+
+    let res = c
+        .get(format!("{}/v2/flaky/blobs/{digest}", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.text().await.unwrap(), "the blob");
+    assert_eq!(
+        gets.load(Ordering::SeqCst),
+        2,
+        "the 500 was not retried once"
+    );
+
+    // A registry that keeps failing: tried a bounded number of times, then
+    // its own answer goes back.
+    let res = c
+        .get(format!("{}/v2/down/blobs/{digest}", proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 503);
+    assert_eq!(res.text().await.unwrap(), "still down");
+    let down = |r: &RecordedRequest| r.target.starts_with("/v2/down/");
+    assert_eq!(fake.requests().iter().filter(|r| down(r)).count(), 3);
+
+    // An upload is never repeated.
+    let res = c
+        .post(format!("{}/v2/flaky/blobs/uploads/", proxy.url()))
+        .body("data")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
+    let posts = fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(posts, 1, "an upload was sent twice");
+}
+
+#[tokio::test]
+async fn a_manifest_put_refused_for_blobs_that_exist_is_sent_again_once_they_prove_to() {
+    // distribution 2.8, racing in its own storage, now and then answers 400
+    // MANIFEST_BLOB_UNKNOWN for a manifest whose blobs it has.
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let puts = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = puts.clone();
+    let unknown = r#"{"errors":[{"code":"MANIFEST_BLOB_UNKNOWN","message":"blob unknown to registry","detail":"sha256:…"}]}"#;
+    let fake =
+        FakeUpstream::start(
+            move |req, _| match (req.method.as_str(), req.target.as_str()) {
+                ("PUT", t) if t.contains("/racy/") && seen.fetch_add(1, Ordering::SeqCst) == 0 => {
+                    FakeResponse::new(400)
+                        .header("Content-Type", "application/json")
+                        .body(unknown)
+                }
+                ("PUT", t) if t.contains("/missing/") => FakeResponse::new(400)
+                    .header("Content-Type", "application/json")
+                    .body(unknown),
+                ("PUT", _) => FakeResponse::new(201),
+                ("HEAD", t) if t.starts_with("/v2/racy/blobs/") => FakeResponse::new(200),
+                ("HEAD", t) if t.starts_with("/v2/missing/blobs/") => FakeResponse::new(404),
+                _ => FakeResponse::new(404),
+            },
+        );
+    let proxy = spawn_archmerge(&fake.url());
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": media::OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digest_of(b"c"), "size": 1},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest_of(b"l"), "size": 1}],
+    }))
+    .unwrap();
+    let put = |repo: &str| {
+        http()
+            .put(format!(
+                "{}/v2/{repo}/manifests/sha256:{}",
+                proxy.url(),
+                sha256_hex(&manifest)
+            ))
+            .header(CONTENT_TYPE, media::OCI_MANIFEST)
+            .body(manifest.clone())
+            .send()
+    };
+
+    // The blobs exist: the same bytes go again, and the push succeeds.
+    let res = put("racy").await.unwrap();
+    assert_eq!(res.status(), 201);
+    let racy: Vec<_> = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.target.contains("/racy/"))
+        .collect();
+    assert_eq!(racy.len(), 2);
+    assert!(
+        racy.iter().all(|r| r.body == manifest),
+        "a retry sent other bytes"
+    );
+
+    // A blob really is missing: the registry's refusal goes back as it was.
+    let res = put("missing").await.unwrap();
+    assert_eq!(res.status(), 400);
+    assert_eq!(res.text().await.unwrap(), unknown);
+    let missing = fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PUT" && r.target.contains("/missing/"))
+        .count();
+    assert_eq!(missing, 1, "a manifest with a missing blob was sent again");
+}
