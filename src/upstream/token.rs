@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use http::{header, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Limited};
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
 use super::{sensitive, Upstream, UpstreamError};
 use crate::body;
@@ -75,16 +76,16 @@ impl Challenge {
     }
 }
 
+/// What a query value keeps unencoded: RFC 3986's unreserved characters.
+const QUERY_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
 /// Percent-encodes a query value (everything but RFC 3986 unreserved).
 fn encode(v: &str) -> String {
-    v.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    utf8_percent_encode(v, QUERY_VALUE).to_string()
 }
 
 /// Tokens by challenge. A `DashMap` because lookups are per call and
@@ -181,6 +182,7 @@ mod tests {
             c.url(),
             "https://auth.example/token?service=registry.example&scope=repository%3Aa%2Fb%3Apull%2Cpush"
         );
+        assert_eq!(encode("a-b.c_d~e f/é+"), "a-b.c_d~e%20f%2F%C3%A9%2B");
         assert_eq!(Challenge::parse(r#"Basic realm="x""#), None);
         assert_eq!(Challenge::parse("Bearer service=x"), None);
     }
