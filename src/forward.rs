@@ -145,7 +145,14 @@ pub fn downstream_parts(parts: &mut response::Parts, upstream: &Upstream, client
 pub fn proxy_error(e: UpstreamError) -> ProxyError {
     match e {
         UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-        other => ProxyError::UpstreamUnreachable(other.to_string()),
+        UpstreamError::Unreachable(reason) => ProxyError::UpstreamUnreachable(reason),
+        // Only archmerge's own typed calls read bodies and follow URIs; the
+        // calls a client's request makes fail as one of the two above.
+        other @ (UpstreamError::Status { .. }
+        | UpstreamError::Body { .. }
+        | UpstreamError::Malformed { .. }
+        | UpstreamError::NotFound { .. }
+        | UpstreamError::BadUri { .. }) => ProxyError::UpstreamUnreachable(other.to_string()),
     }
 }
 
@@ -233,6 +240,17 @@ mod tests {
             rewrite_url("HTTP://127.0.0.1:5000/v2/", up, public).as_deref(),
             Some("https://reg.example/v2/")
         );
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_said_once() {
+        let e = proxy_error(UpstreamError::Unreachable("connection refused".into()));
+        assert_eq!(
+            e.to_string(),
+            "the registry is unreachable: connection refused"
+        );
+        let e = proxy_error(UpstreamError::Timeout(std::time::Duration::from_secs(3)));
+        assert!(matches!(e, ProxyError::UpstreamTimeout(_)), "{e:?}");
     }
 
     #[test]

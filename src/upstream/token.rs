@@ -61,6 +61,16 @@ impl Challenge {
         })
     }
 
+    /// The realm's URI with `service` and `scope` in its query.
+    fn uri(&self) -> Result<http::Uri, UpstreamError> {
+        self.url()
+            .parse()
+            .map_err(|e: http::uri::InvalidUri| UpstreamError::BadUri {
+                what: format!("a token realm {:?}", self.realm),
+                reason: e.to_string(),
+            })
+    }
+
     fn url(&self) -> String {
         let mut url = self.realm.clone();
         let mut sep = if url.contains('?') { '&' } else { '?' };
@@ -182,10 +192,7 @@ async fn fetch(
     basic: Option<&HeaderValue>,
     own: &Credentials,
 ) -> Result<Token, UpstreamError> {
-    let uri: http::Uri = challenge.url().parse().map_err(|e| UpstreamError::Body {
-        what: "token realm".into(),
-        reason: format!("{e}"),
-    })?;
+    let uri = challenge.uri()?;
     let mut req = Request::get(uri);
     if let Some(b) = basic {
         req = req.header(header::AUTHORIZATION, b.clone());
@@ -217,20 +224,20 @@ async fn fetch(
         expires_in: Option<u64>,
     }
     let parsed: TokenResponse =
-        serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
-            what: "token".into(),
+        serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Malformed {
+            what: "token answer".into(),
             reason: e.to_string(),
         })?;
     let token = parsed
         .token
         .or(parsed.access_token)
-        .ok_or_else(|| UpstreamError::Body {
-            what: "token".into(),
-            reason: "no token in the realm's answer".into(),
+        .ok_or_else(|| UpstreamError::Malformed {
+            what: "token answer".into(),
+            reason: "it holds neither `token` nor `access_token`".into(),
         })?;
-    let value = sensitive(&format!("Bearer {token}")).ok_or_else(|| UpstreamError::Body {
-        what: "token".into(),
-        reason: "token is not a valid header value".into(),
+    let value = sensitive(&format!("Bearer {token}")).ok_or_else(|| UpstreamError::Malformed {
+        what: "token answer".into(),
+        reason: "the token is not a valid header value".into(),
     })?;
     Ok(Token {
         value,
@@ -258,6 +265,18 @@ mod tests {
         assert_eq!(encode("a-b.c_d~e f/é+"), "a-b.c_d~e%20f%2F%C3%A9%2B");
         assert_eq!(Challenge::parse(r#"Basic realm="x""#), None);
         assert_eq!(Challenge::parse("Bearer service=x"), None);
+    }
+
+    #[test]
+    fn a_realm_that_is_no_uri_is_said_to_be_one() {
+        let c = Challenge::parse(r#"Bearer realm="https://auth example/token",scope="a""#).unwrap();
+        let e = c.uri().unwrap_err();
+        assert!(matches!(e, UpstreamError::BadUri { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .starts_with(r#"the registry sent a token realm "https://auth example/token" that is not a usable URI"#),
+            "{e}"
+        );
     }
 
     #[test]
