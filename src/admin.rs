@@ -94,14 +94,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
                     "a valid admin token is required\n",
                 );
             }
-            let repos: Vec<String> = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|kv| kv.strip_prefix("repo="))
-                .map(|r| r.to_owned())
-                .collect();
+            let repos = repos_of(req.uri().query().unwrap_or(""));
             if let Some(bad) = repos.iter().find(|r| !crate::oci::is_valid_name(r)) {
                 return text(
                     StatusCode::BAD_REQUEST,
@@ -176,6 +169,21 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
     }
 }
 
+/// The `repo=` values of a `/reconcile` query, percent-decoded (so that
+/// `repo=team%2Fapp`, as `curl --data-urlencode` sends it, names
+/// `team/app`).
+fn repos_of(query: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("repo="))
+        .map(|r| {
+            percent_encoding::percent_decode_str(r)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
 /// Whether the request carries the configured admin token.
 fn authorized<B>(app: &App, req: &Request<B>) -> bool {
     let Some(token) = &app.config.admin_token else {
@@ -215,6 +223,15 @@ fn text(status: StatusCode, s: &str) -> Response<Body> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reconcile_repositories_are_read_from_the_query_percent_decoded() {
+        assert_eq!(repos_of("repo=team%2Fapp&x=1&repo=db"), ["team/app", "db"]);
+        assert_eq!(repos_of("repo=a/b"), ["a/b"]);
+        assert_eq!(repos_of(""), Vec::<String>::new());
+        // Still checked as a name afterwards: a decoded `..` is refused there.
+        assert_eq!(repos_of("repo=%2e%2e"), [".."]);
+    }
 
     #[test]
     fn the_admin_token_matches_only_itself() {
