@@ -97,14 +97,7 @@ async fn handle(app: &Arc<App>, queue: &events::Queue, req: Request<Incoming>) -
                     "a valid admin token is required\n",
                 );
             }
-            let repos: Vec<String> = req
-                .uri()
-                .query()
-                .unwrap_or("")
-                .split('&')
-                .filter_map(|kv| kv.strip_prefix("repo="))
-                .map(|r| r.to_owned())
-                .collect();
+            let repos = repos_of(req.uri().query().unwrap_or(""));
             if let Some(bad) = repos.iter().find(|r| !crate::oci::is_valid_name(r)) {
                 return text(
                     StatusCode::BAD_REQUEST,
@@ -190,8 +183,22 @@ async fn handle(app: &Arc<App>, queue: &events::Queue, req: Request<Incoming>) -
     }
 }
 
-/// Whether the request carries the configured admin token (compared in
-/// constant time, so the comparison leaks nothing about the token).
+/// The `repo=` values of a `/reconcile` query, percent-decoded (so that
+/// `repo=team%2Fapp`, as `curl --data-urlencode` sends it, names
+/// `team/app`).
+fn repos_of(query: &str) -> Vec<String> {
+    query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("repo="))
+        .map(|r| {
+            percent_encoding::percent_decode_str(r)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// Whether the request carries the configured admin token.
 fn authorized<B>(app: &App, req: &Request<B>) -> bool {
     let Some(token) = &app.config.admin_token else {
         return false;
@@ -202,12 +209,19 @@ fn authorized<B>(app: &App, req: &Request<B>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
+    token_matches(given, token)
+}
+
+/// `given == token`, in time that says nothing about the token: both are
+/// hashed first, so the constant-time comparison always sees 32 bytes
+/// (`subtle` compares slices of different lengths in no time at all, which
+/// would tell the token's length).
+fn token_matches(given: &str, token: &str) -> bool {
+    use sha2::{Digest as _, Sha256};
+    use subtle::ConstantTimeEq as _;
+    let given = Sha256::digest(given.as_bytes());
+    let token = Sha256::digest(token.as_bytes());
+    given.as_slice().ct_eq(token.as_slice()).into()
 }
 
 fn text(status: StatusCode, s: &str) -> Response<Body> {
@@ -218,4 +232,27 @@ fn text(status: StatusCode, s: &str) -> Response<Body> {
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_repositories_are_read_from_the_query_percent_decoded() {
+        assert_eq!(repos_of("repo=team%2Fapp&x=1&repo=db"), ["team/app", "db"]);
+        assert_eq!(repos_of("repo=a/b"), ["a/b"]);
+        assert_eq!(repos_of(""), Vec::<String>::new());
+        // Still checked as a name afterwards: a decoded `..` is refused there.
+        assert_eq!(repos_of("repo=%2e%2e"), [".."]);
+    }
+
+    #[test]
+    fn the_admin_token_matches_only_itself() {
+        assert!(token_matches("s3cret-token", "s3cret-token"));
+        assert!(!token_matches("s3cret-tokeN", "s3cret-token"));
+        assert!(!token_matches("s3cret", "s3cret-token"));
+        assert!(!token_matches("s3cret-token-and-more", "s3cret-token"));
+        assert!(!token_matches("", "s3cret-token"));
+    }
 }

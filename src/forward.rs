@@ -4,9 +4,10 @@
 //! Bodies are handed over frame by frame ([`crate::body::stream`]), so a blob
 //! never sits in archmerge's memory and a slow reader slows the writer
 //! (backpressure). Only hop-by-hop headers are dropped; `Host` becomes the
-//! registry's; `X-Forwarded-Host/Proto/For` are added; a `Location` that
-//! points at the registry's own origin is rewritten to archmerge's public
-//! origin with path and query kept byte for byte. Everything else —
+//! registry's; the forwarding headers (`Forwarded`, `X-Forwarded-*`) are
+//! archmerge's own, never the client's; a `Location` that points at the
+//! registry's own origin is rewritten to archmerge's public origin with path
+//! and query kept byte for byte. Everything else —
 //! `Authorization`, `WWW-Authenticate`, `Range`, `Content-Range`,
 //! `Docker-*`, `OCI-*`, `Link`, `ETag`, error bodies — passes untouched.
 
@@ -29,11 +30,14 @@ pub struct ClientSide {
     /// `scheme://host[:port]` the client used to reach archmerge (or the
     /// configured `public_url`): the origin `Location` headers get.
     pub public_origin: String,
-    /// Host part of `public_origin`, sent as `X-Forwarded-Host`.
+    /// Host part of `public_origin`, sent as `X-Forwarded-Host` and as the
+    /// `host` of `Forwarded`.
     pub forwarded_host: String,
-    /// Scheme of `public_origin`, sent as `X-Forwarded-Proto`.
+    /// Scheme of `public_origin`, sent as `X-Forwarded-Proto` and as the
+    /// `proto` of `Forwarded`.
     pub forwarded_proto: &'static str,
-    /// The client's address, appended to `X-Forwarded-For`.
+    /// The client's address, sent as `X-Forwarded-For` and as the `for` of
+    /// `Forwarded`.
     pub peer: SocketAddr,
 }
 
@@ -134,21 +138,7 @@ pub fn upstream_request(
     // The upstream client has no 100-continue support; hyper answers the
     // client's `Expect` itself when the body is first polled.
     headers.remove(header::EXPECT);
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(client.forwarded_proto),
-    );
-    if let Ok(v) = HeaderValue::from_str(&client.forwarded_host) {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), v);
-    }
-    let peer_ip = client.peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer_ip}"),
-        None => peer_ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
-    }
+    set_forwarding(&mut headers, client);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method;
     *req.uri_mut() = upstream.uri(&path_and_query);
@@ -156,6 +146,51 @@ pub fn upstream_request(
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
     req
+}
+
+/// Replaces whatever forwarding headers the client sent with archmerge's
+/// own. The registry builds the `Location` of an upload from them
+/// (distribution 2.8 takes `Forwarded` ahead of `X-Forwarded-*`, and only
+/// `Location`s on its own origin are rewritten on the way back), and logs
+/// and notifies the client address they name: a client's own would steer
+/// its uploads elsewhere and put any address in the registry's records.
+fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
+    let theirs: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            let name = name.as_str();
+            name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
+        })
+        .cloned()
+        .collect();
+    for name in theirs {
+        headers.remove(name);
+    }
+    let proto = client.forwarded_proto;
+    let peer = client.peer.ip();
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(proto),
+    );
+    if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+    }
+    let Ok(host) = HeaderValue::from_str(&client.forwarded_host) else {
+        return;
+    };
+    headers.insert(HeaderName::from_static("x-forwarded-host"), host);
+    // RFC 7239: an IPv6 node and a host with a port are quoted strings.
+    let node = match peer {
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
+    };
+    let host = client
+        .forwarded_host
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"");
+    if let Ok(v) = HeaderValue::from_str(&format!("for={node};host=\"{host}\";proto={proto}")) {
+        headers.insert(header::FORWARDED, v);
+    }
 }
 
 /// The response archmerge sends back for the registry's response.
@@ -185,7 +220,14 @@ pub fn downstream_parts(parts: &mut response::Parts, upstream: &Upstream, client
 pub fn proxy_error(e: UpstreamError) -> ProxyError {
     match e {
         UpstreamError::Timeout(d) => ProxyError::UpstreamTimeout(d),
-        other => ProxyError::UpstreamUnreachable(other.to_string()),
+        UpstreamError::Unreachable(reason) => ProxyError::UpstreamUnreachable(reason),
+        // Only archmerge's own typed calls read bodies and follow URIs; the
+        // calls a client's request makes fail as one of the two above.
+        other @ (UpstreamError::Status { .. }
+        | UpstreamError::Body { .. }
+        | UpstreamError::Malformed { .. }
+        | UpstreamError::NotFound { .. }
+        | UpstreamError::BadUri { .. }) => ProxyError::UpstreamUnreachable(other.to_string()),
     }
 }
 
@@ -273,6 +315,75 @@ mod tests {
             rewrite_url("HTTP://127.0.0.1:5000/v2/", up, public).as_deref(),
             Some("https://reg.example/v2/")
         );
+    }
+
+    fn client(host: &str, peer: &str) -> ClientSide {
+        ClientSide {
+            public_origin: format!("https://{host}"),
+            forwarded_host: host.to_owned(),
+            forwarded_proto: "https",
+            peer: peer.parse().unwrap(),
+        }
+    }
+
+    fn values<'a>(h: &'a HeaderMap, name: &str) -> Vec<&'a str> {
+        h.get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn forwarding_headers_are_archmerges_own() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("forwarded", "host=evil.example;proto=http"),
+            ("forwarded", "for=192.0.2.1"),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "http"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-port", "8443"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-real-ip", "192.0.2.1"),
+            ("authorization", "Basic eA=="),
+        ] {
+            h.append(name, HeaderValue::from_static(value));
+        }
+        set_forwarding(&mut h, &client("reg.example:5443", "10.0.0.7:40000"));
+        assert_eq!(
+            values(&h, "forwarded"),
+            [r#"for=10.0.0.7;host="reg.example:5443";proto=https"#]
+        );
+        assert_eq!(values(&h, "x-forwarded-host"), ["reg.example:5443"]);
+        assert_eq!(values(&h, "x-forwarded-proto"), ["https"]);
+        assert_eq!(values(&h, "x-forwarded-for"), ["10.0.0.7"]);
+        for gone in ["x-forwarded-port", "x-forwarded-prefix", "x-real-ip"] {
+            assert!(!h.contains_key(gone), "{gone} kept");
+        }
+        assert_eq!(values(&h, "authorization"), ["Basic eA=="]);
+        assert_eq!(h.len(), 5, "{h:?}");
+    }
+
+    #[test]
+    fn forwarded_quotes_an_ipv6_node_and_escapes_the_host() {
+        let mut h = HeaderMap::new();
+        set_forwarding(&mut h, &client(r#"a"b\c"#, "[::1]:40000"));
+        assert_eq!(
+            values(&h, "forwarded"),
+            [r#"for="[::1]";host="a\"b\\c";proto=https"#]
+        );
+        assert_eq!(values(&h, "x-forwarded-for"), ["::1"]);
+    }
+
+    #[test]
+    fn an_unreachable_registry_is_said_once() {
+        let e = proxy_error(UpstreamError::Unreachable("connection refused".into()));
+        assert_eq!(
+            e.to_string(),
+            "the registry is unreachable: connection refused"
+        );
+        let e = proxy_error(UpstreamError::Timeout(std::time::Duration::from_secs(3)));
+        assert!(matches!(e, ProxyError::UpstreamTimeout(_)), "{e:?}");
     }
 
     #[test]

@@ -201,8 +201,8 @@ fn check_segments(path: &str) -> Result<(), RouteError> {
     let segments: Vec<&str> = inner.split('/').collect();
     let n = segments.len();
     let dot = |seg: &str| {
-        let decoded = seg.replace("%2e", ".").replace("%2E", ".");
-        decoded == "." || decoded == ".."
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
+        decoded == b"." || decoded == b".."
     };
     let bad = segments.iter().enumerate().any(|(i, seg)| {
         let reference =

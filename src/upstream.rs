@@ -66,6 +66,30 @@ pub enum UpstreamError {
         /// Why it failed.
         reason: String,
     },
+    /// A body was read whole but is not what it should be (JSON that does
+    /// not parse, a field missing).
+    #[error("the registry's {what} is malformed: {reason}")]
+    Malformed {
+        /// What was read.
+        what: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The registry has no such manifest or blob, where one must exist.
+    #[error("the registry has no {what}")]
+    NotFound {
+        /// What was looked for.
+        what: String,
+    },
+    /// The registry named a URI archmerge cannot request: a token realm, a
+    /// redirect or an upload `Location`.
+    #[error("the registry sent {what} that is not a usable URI: {reason}")]
+    BadUri {
+        /// Which URI.
+        what: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
 
 impl UpstreamError {
@@ -333,8 +357,8 @@ impl Upstream {
             let next = next_link(resp.headers());
             let bytes = expect_ok(resp, key, MAX_MANIFEST_BYTES).await?;
             let mut page: serde_json::Value =
-                serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Body {
-                    what: key.to_owned(),
+                serde_json::from_slice(&bytes).map_err(|e| UpstreamError::Malformed {
+                    what: format!("{key} listing"),
                     reason: e.to_string(),
                 })?;
             if let serde_json::Value::Array(list) = page[key].take() {

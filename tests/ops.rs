@@ -768,6 +768,100 @@ async fn post_reconcile_is_refused_without_a_token_and_runs_with_the_right_one()
     );
 }
 
+#[tokio::test]
+async fn archmerges_own_identity_fetches_a_token_per_scope_and_again_once_it_expires() {
+    // A token registry (as Harbor or GitLab): archmerge's own Basic
+    // credentials are exchanged at the realm for a token per scope, kept
+    // for what the realm's `expires_in` says (less ten seconds), and
+    // fetched again after that.
+    let issuer = std::sync::Arc::new(TokenIssuer::new());
+    let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-31", 15).await;
+    let registry = spawn_registry_with(RegistryOpts {
+        env: issuer.registry_env_with_realm(&realm.url()),
+        ..RegistryOpts::default()
+    });
+    let reg = registry.url();
+    let ci = http_bearer(&issuer.token(&[("own/app", &["pull", "push"])]));
+    let amd = push_small_image(&ci, &reg, "own/app", "x86_64_v1", "amd64", 61).await;
+    let arm = push_small_image(&ci, &reg, "own/app", "aarch64_v1", "arm64", 62).await;
+    assert!(realm.asked().is_empty(), "the CI job minted its own token");
+
+    let token = "adm-9d2e71";
+    let proxy = spawn_archmerge_with(
+        &reg,
+        ArchmergeOpts {
+            env: vec![
+                ("ARCHMERGE_ADMIN_TOKEN".into(), token.into()),
+                ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
+                ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-31".into()),
+            ],
+            ..Default::default()
+        },
+    );
+    let url = format!("{}/reconcile?repo=own/app", proxy.admin_url());
+    let bearer = format!("Bearer {token}");
+    let reconcile = || async {
+        let (status, _, body) = post(&url, Some(&bearer)).await;
+        assert_eq!(status, 200, "{body}");
+        let summary: Value = serde_json::from_str(&body).expect("summary is JSON");
+        counts(&summary)
+    };
+
+    let started = Instant::now();
+    assert_eq!(reconcile().await, (1, 1, 0, 0, 0));
+    let index = get_any_manifest(&ci, &reg, "own/app", "v1")
+        .await
+        .expect(200);
+    assert_eq!(
+        index.entries(),
+        set([
+            ("linux/amd64", &amd.digest),
+            ("linux/arm64/v8", &arm.digest)
+        ]),
+        "{}",
+        index.text()
+    );
+    let first = realm.asked();
+    assert!(!first.is_empty(), "archmerge never asked the realm");
+    let distinct: BTreeSet<&String> = first.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        first.len(),
+        "a scope was fetched twice while its token was valid: {first:?}"
+    );
+    assert!(
+        first.iter().all(|s| s.starts_with("repository:own/app:")),
+        "{first:?}"
+    );
+
+    // Within the tokens' five seconds: nothing is fetched again.
+    assert_eq!(reconcile().await, (1, 0, 0, 1, 0));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "too slow to tell a cached token from a fresh one: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(realm.asked(), first, "valid tokens were fetched again");
+
+    // Past them: every scope used is fetched again.
+    tokio::time::sleep(
+        Duration::from_secs(5).saturating_sub(started.elapsed()) + Duration::from_millis(500),
+    )
+    .await;
+    assert_eq!(reconcile().await, (1, 0, 0, 1, 0));
+    let all = realm.asked();
+    assert!(
+        all.len() > first.len(),
+        "expired tokens were used again: {all:?}"
+    );
+    let again: BTreeSet<&String> = all[first.len()..].iter().collect();
+    assert_eq!(
+        again.len(),
+        all.len() - first.len(),
+        "a scope was fetched twice after expiry: {all:?}"
+    );
+}
+
 // === the registry's webhook ===
 
 #[tokio::test]

@@ -525,6 +525,84 @@ async fn upload_locations_name_archmerge_or_its_public_url() {
     );
 }
 
+#[tokio::test]
+async fn a_clients_own_forwarded_header_never_names_the_upload_location() {
+    // distribution builds the upload `Location` from RFC 7239 `Forwarded`
+    // ahead of `X-Forwarded-*`: a client's own must not reach it, or the
+    // registry would send the next PATCH/PUT of the upload somewhere else.
+    let s = Stack::new();
+    let public = spawn_archmerge_with(
+        &s.registry.url(),
+        ArchmergeOpts {
+            args: vec!["--public-url".into(), "https://registry.example.com".into()],
+            ..Default::default()
+        },
+    );
+    let c = http();
+    let forged: [&[(&str, &str)]; 3] = [
+        &[("forwarded", "host=evil.example;proto=https")],
+        &[
+            (
+                "forwarded",
+                r#"for=192.0.2.1;host="evil.example:8443";proto=https"#,
+            ),
+            ("x-forwarded-host", "evil.example"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "8443"),
+        ],
+        &[
+            ("forwarded", "host=evil.example"),
+            ("forwarded", "host=evil2.example;proto=https"),
+        ],
+    ];
+    let (ours, theirs) = (s.proxy.url(), public.url());
+    for (base, origin) in [
+        (&ours, ours.as_str()),
+        (&theirs, "https://registry.example.com"),
+    ] {
+        for headers in forged {
+            let mut req = c.post(format!("{base}/v2/fwd/blobs/uploads/"));
+            for (name, value) in headers {
+                req = req.header(*name, *value);
+            }
+            let res = req.send().await.unwrap();
+            let url = location(&res);
+            expect_status(res, 202).await;
+            assert!(
+                url.starts_with(&format!("{origin}/v2/fwd/blobs/uploads/")),
+                "{headers:?} through {base} gave Location {url}"
+            );
+            assert!(!url.contains("evil"), "{url}");
+        }
+    }
+
+    // The Location archmerge answered carries the upload on through it.
+    let data = Seeded::bytes(12, 1000);
+    let digest = digest_of(&data);
+    let res = c
+        .post(s.via("fwd/blobs/uploads/"))
+        .header("forwarded", "host=evil.example;proto=https")
+        .send()
+        .await
+        .unwrap();
+    let url = location(&res);
+    expect_status(res, 202).await;
+    let res = c
+        .put(with_digest(&url, &digest))
+        .header(CONTENT_TYPE, "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_status(res, 201).await;
+    let back = c
+        .get(s.direct(&format!("fwd/blobs/{digest}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(expect_status(back, 200).await, data);
+}
+
 // === protocol and process ===
 
 #[tokio::test]

@@ -355,6 +355,14 @@ async fn location_rewrite_keeps_path_and_query_byte_for_byte() {
     let first = &sent[0];
     assert_eq!(first.header("x-forwarded-host"), Some(&*proxy.host()));
     assert_eq!(first.header("x-forwarded-proto"), Some("http"));
+    assert_eq!(first.header("x-forwarded-for"), Some("127.0.0.1"));
+    assert_eq!(
+        first.header("forwarded"),
+        Some(&*format!(
+            r#"for=127.0.0.1;host="{}";proto=http"#,
+            proxy.host()
+        ))
+    );
 }
 
 #[tokio::test]

@@ -28,9 +28,9 @@ impl Upstream {
             .get(header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|l| l.parse::<Uri>().ok())
-            .ok_or_else(|| UpstreamError::Body {
-                what: "blob".into(),
-                reason: "redirect without a usable Location".into(),
+            .ok_or_else(|| UpstreamError::BadUri {
+                what: format!("a {} redirect for blob {digest}", resp.status().as_u16()),
+                reason: "no Location, or one that does not parse".into(),
             })?;
         let req = Request::get(self.absolute(location))
             .body(body::empty())
@@ -135,12 +135,12 @@ impl Upstream {
             return expect_ok(source, "blob", 4096).await.map(|_| ());
         }
         let sep = if location.contains('?') { '&' } else { '?' };
-        let target: Uri = format!("{location}{sep}digest={digest}")
-            .parse()
-            .map_err(|e| UpstreamError::Body {
-                what: "upload location".into(),
-                reason: format!("{e}"),
-            })?;
+        let target: Uri = format!("{location}{sep}digest={digest}").parse().map_err(
+            |e: http::uri::InvalidUri| UpstreamError::BadUri {
+                what: format!("an upload Location {location:?}"),
+                reason: e.to_string(),
+            },
+        )?;
         let mut req = Request::builder()
             .method(Method::PUT)
             .uri(self.absolute(target))

@@ -8,10 +8,14 @@
 //! the repository scopes a test grants — as GitLab, Harbor or docker/auth
 //! would issue them for `docker push` of one repository
 //! (`repository:<name>:pull,push`). Tests mint the token up front and send
-//! it as `Authorization: Bearer` ([`http_bearer`]); nobody calls the realm.
+//! it as `Authorization: Bearer` ([`http_bearer`]); nobody calls the realm,
+//! except where archmerge's own identity must fetch its tokens: [`Realm`]
+//! serves them then, for one user, and counts what it was asked.
 
 use std::fs;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -64,12 +68,14 @@ impl TokenIssuer {
     /// ([`super::RegistryOpts::env`]). The realm is never called (tests
     /// mint tokens themselves), so it points at a port nobody serves.
     pub fn registry_env(&self) -> Vec<(String, String)> {
+        self.registry_env_with_realm("http://127.0.0.1:9/token")
+    }
+
+    /// [`TokenIssuer::registry_env`] with the challenge naming `realm`.
+    pub fn registry_env_with_realm(&self, realm: &str) -> Vec<(String, String)> {
         [
             ("REGISTRY_AUTH", "token".to_owned()),
-            (
-                "REGISTRY_AUTH_TOKEN_REALM",
-                "http://127.0.0.1:9/token".to_owned(),
-            ),
+            ("REGISTRY_AUTH_TOKEN_REALM", realm.to_owned()),
             ("REGISTRY_AUTH_TOKEN_SERVICE", TOKEN_SERVICE.to_owned()),
             ("REGISTRY_AUTH_TOKEN_ISSUER", TOKEN_ISSUER.to_owned()),
             (
@@ -117,6 +123,149 @@ impl TokenIssuer {
         let der = self.key.sign(signing_input.as_bytes()).expect("signing");
         format!("{signing_input}.{}", b64url.encode(raw_es256(&der)))
     }
+}
+
+/// A token service on a free loopback port: `GET /token?service=…&scope=…`
+/// with the right HTTP Basic credentials gets a token granting every scope
+/// asked for, with `expires_in` as set; anything else gets 401. Stops on
+/// drop.
+pub struct Realm {
+    port: u16,
+    /// The `scope` of every token issued, in order.
+    asked: Arc<Mutex<Vec<String>>>,
+    expires_in: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Realm {
+    /// Serves tokens signed by `issuer` to `user`:`password`, valid for
+    /// `expires_in` seconds.
+    pub async fn start(
+        issuer: Arc<TokenIssuer>,
+        user: &str,
+        password: &str,
+        expires_in: u64,
+    ) -> Realm {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the token realm");
+        let port = listener.local_addr().unwrap().port();
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+        );
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let expires = Arc::new(AtomicU64::new(expires_in));
+        let (log, exp) = (asked.clone(), expires.clone());
+        let task = tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let (issuer, basic, log, exp) =
+                    (issuer.clone(), basic.clone(), log.clone(), exp.clone());
+                tokio::spawn(async move {
+                    let _ = answer(sock, &issuer, &basic, &log, &exp).await;
+                });
+            }
+        });
+        Realm {
+            port,
+            asked,
+            expires_in: expires,
+            task,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT/token`, for the registry's challenge.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// The scope of every token issued so far, in order.
+    pub fn asked(&self) -> Vec<String> {
+        self.asked.lock().unwrap().clone()
+    }
+
+    /// The `expires_in` of the tokens issued from now on.
+    pub fn set_expires_in(&self, secs: u64) {
+        self.expires_in.store(secs, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Realm {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Answers one request on `sock` and closes it.
+async fn answer(
+    mut sock: tokio::net::TcpStream,
+    issuer: &TokenIssuer,
+    basic: &str,
+    asked: &Mutex<Vec<String>>,
+    expires_in: &AtomicU64,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        let n = sock.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let target = head.split_whitespace().nth(1).unwrap_or("").to_owned();
+    let authorized = head.lines().any(|l| {
+        l.split_once(':')
+            .is_some_and(|(k, v)| k.eq_ignore_ascii_case("authorization") && v.trim() == basic)
+    });
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let scopes: Vec<String> = query
+        .split('&')
+        .filter_map(|kv| kv.strip_prefix("scope="))
+        .map(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let (status, body) = if target.starts_with("/token?") && authorized {
+        // `repository:<name>:<actions>`, several separated by spaces.
+        let grants: Vec<(String, Vec<String>)> = scopes
+            .iter()
+            .flat_map(|s| s.split(' '))
+            .filter_map(|s| {
+                let rest = s.strip_prefix("repository:")?;
+                let (name, actions) = rest.rsplit_once(':')?;
+                Some((
+                    name.to_owned(),
+                    actions.split(',').map(str::to_owned).collect(),
+                ))
+            })
+            .collect();
+        let borrowed: Vec<(&str, Vec<&str>)> = grants
+            .iter()
+            .map(|(n, a)| (n.as_str(), a.iter().map(String::as_str).collect()))
+            .collect();
+        let access: Vec<(&str, &[&str])> =
+            borrowed.iter().map(|(n, a)| (*n, a.as_slice())).collect();
+        asked.lock().unwrap().push(scopes.join(" "));
+        let token = issuer.token(&access);
+        let body = json!({
+            "token": token,
+            "expires_in": expires_in.load(Ordering::SeqCst),
+        });
+        ("200 OK", body.to_string())
+    } else {
+        ("401 Unauthorized", "{}".to_owned())
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    sock.shutdown().await
 }
 
 /// An ECDSA signature as DER `SEQUENCE { INTEGER r, INTEGER s }` (what ring
