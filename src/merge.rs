@@ -1,48 +1,10 @@
-//! Bringing a target's index up to date: rebuilt from the registry, one
-//! rebuild at a time per target, verified until stable.
+//! Bringing a target's index up to date: [`Merger::update`] is the one way
+//! in; the snapshot and facts are read, [`decide::decide`] says what the
+//! target should hold, then it is written and verified until stable, one
+//! rebuild at a time per target.
 //!
-//! # Why this converges, with any number of replicas
-//!
-//! The registry is the only source of truth. A rebuild never patches the
-//! last list written; it lists the repository's tags, takes every arch tag
-//! of the target with the digest it points at (the *snapshot*), builds the
-//! canonical index from exactly that, writes it if the bytes differ, and
-//! then takes the snapshot again. If the second snapshot differs, an arch
-//! push landed meanwhile and the rebuild runs again; if it is equal, the
-//! index written reflects every arch tag present at a moment *after* the
-//! write. A rebuild that found the target already right wrote nothing and
-//! needs no second snapshot: the target says what a snapshot taken after
-//! the rebuild began calls for.
-//!
-//! Take the last write to a target, by any replica. Its writer verified
-//! after writing, saw the snapshot it built from, and stopped — so every
-//! arch push that completed before that verification is in the index. A
-//! push that completed later has its own rebuild, which starts after the
-//! push, hence after that write, and would have written again had the
-//! bytes differed — contradicting "last". So once pushes stop, the index
-//! lists every arch tag present, whatever the interleaving across replicas.
-//! Canonical bytes make concurrent writers of the same snapshot write the
-//! same digest, so racing writes are harmless.
-//!
-//! Inside one process, rebuilds of one target are serialised by an async
-//! lock per target (a `DashMap` of `tokio::sync::Mutex`, never held across
-//! the map's own guard). A push that waited for the lock skips its rebuild
-//! when a rebuild that *started after the push was accepted* has since
-//! converged: that rebuild's snapshot already contained the push. Eight
-//! arches pushed at once through one replica thus cost about two rebuilds,
-//! not eight.
-//!
-//! Per-digest facts (a manifest's parsed form, an image config's platform)
-//! are immutable and cached in moka; tags are never cached, since they move
-//! (a target's last snapshot is kept only as a guess of which arch tags to
-//! HEAD early, see `snapshot`). Round trips are what a push waits for, so
-//! the first round reads the snapshot, the target and the pushed image's
-//! config at once: a push to a target whose other arches are already there
-//! waits for three — read, write, verify — after its own PUT.
-//!
-//! A rebuild that fails (registry down, credentials expired mid-way) is
-//! logged, counted, and retried in the background with backoff; the push
-//! that triggered it has already been answered with the registry's answer.
+//! Why this converges with any number of replicas: `docs/design.md`,
+//! "Convergence"; why one entry point and a pure decision: "The write model".
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

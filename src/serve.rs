@@ -1,39 +1,8 @@
 //! Serve mode: GET and HEAD of a target tag, and of the synthesized index's
-//! digest, are answered by archmerge; nothing is written to the registry.
-//!
-//! The index served is the one write mode would store: the same
-//! [`crate::merge::Merger::survey`] over the same registry state, so the same
-//! canonical bytes and digest.
-//!
-//! # Authorization
-//!
-//! Before a synthesized byte or digest goes out, the registry must
-//! authorize *that* request: archmerge fetches one child manifest of the
-//! index with the client's own `Authorization` (same method as the
-//! client's) and passes any refusal on as the registry sent it (401 with
-//! `WWW-Authenticate`, 403, …). This is done per request and never cached,
-//! so no decision is reused across identities. The aggregates cache holds
-//! only what the registry's content says, never who may read it.
-//!
-//! # Staleness bound across replicas
-//!
-//! An aggregate is cached for at most `cache.staleness_ms` (one second by
-//! default) *counted from the moment its load began listing tags* (a moka
-//! per-entry expiry), so no replica serves an index that misses an arch tag
-//! pushed longer ago than that — through any replica or straight to the
-//! registry. A push through this replica drops its target's entry at once.
-//! Cost: at most one tags list plus one HEAD per arch tag, per target per
-//! staleness period per replica; per-digest facts come from the merge's
-//! caches.
-//!
-//! # Content negotiation
-//!
-//! As distribution does: the client's `Accept` lines (all of them) must
-//! name the index's media type, or `*/*`; otherwise 404 `MANIFEST_UNKNOWN`.
-//! A client that accepts only Docker manifest lists gets the index when
-//! every child is a Docker schema2 manifest (then the index *is* a Docker
-//! list) and 404 otherwise: rewriting an OCI index as a Docker list would
-//! change its digest.
+//! digest, are answered by archmerge with the index write mode would store
+//! (the same [`crate::merge::Merger::survey`]); nothing is written to the
+//! registry. Authorization, staleness bound, no cross-identity effects,
+//! digests nobody knows, negotiation: `docs/design.md`, "Serve mode".
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -39,12 +39,11 @@ fn copy<'a>(
             return Ok(());
         }
         let Some(m) = up.get_manifest(from, digest, auth).await? else {
-            return Err(UpstreamError::Body {
-                what: format!("manifest {digest} of {from}"),
-                reason: "not found".into(),
+            return Err(UpstreamError::NotFound {
+                what: format!("manifest {digest} in {from}"),
             });
         };
-        let v: Value = serde_json::from_slice(&m.bytes).map_err(|e| UpstreamError::Body {
+        let v: Value = serde_json::from_slice(&m.bytes).map_err(|e| UpstreamError::Malformed {
             what: format!("manifest {digest}"),
             reason: e.to_string(),
         })?;

@@ -1,15 +1,7 @@
-//! Tag listings shared by the rebuilds that need one at the same moment.
-//!
-//! Every snapshot lists the repository's tags, and in a repository with
-//! thousands of tags the listing is the registry's most expensive answer.
-//! A snapshot may use any listing the registry *began* after the snapshot
-//! did: that listing still shows every tag present when the snapshot began.
-//! So concurrent rebuilds of one repository (a reconcile, a CI matrix
-//! pushing every arch at once) share listings: a caller joins the listing in
-//! flight if it began late enough; otherwise it waits for that one to end
-//! and joins the next, which begins after it — one listing serves everyone
-//! who asked while the previous one ran. Listings are shared only between
-//! callers with the same credentials, and never kept once answered.
+//! Tag listings shared by the rebuilds that need one at the same moment,
+//! only between callers with the same credentials, never kept once answered.
+//! Why a shared listing still serves every snapshot: `docs/design.md`,
+//! "Convergence".
 
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,19 +1,7 @@
 //! Taking a target's snapshot — its arch tags and the digest each points at
-//! — in one round trip when archmerge has seen the target before.
-//!
-//! A snapshot needs the repository's tag list (which arch tags exist) and a
-//! HEAD of every arch tag (what each points at). Done in that order it costs
-//! two round trips; but the arch tags a target had at its last snapshot are
-//! almost always the ones it has now, so those are HEADed *while* the tags
-//! are listed, and only an arch tag the listing shows that was not expected
-//! costs a second round trip. The expectation is only a guess about what to
-//! ask: every tag comes from the listing and every digest from a HEAD made
-//! for this snapshot (with this request's credentials), so the snapshot is
-//! exactly what the registry said after the snapshot began. The one digest
-//! not asked for is the one the registry has just accepted in the push that
-//! triggered the merge; if another push moved that tag meanwhile, the
-//! verification snapshot after the write sees it and the merge runs again.
-//! The listing itself may be shared with concurrent snapshots (`listing`).
+//! — in one round trip when archmerge has seen the target before: the arch
+//! tags it had last time are HEADed while the tags are listed. Why a guess
+//! still gives an exact snapshot: `docs/design.md`, "Convergence".
 
 use std::collections::HashMap;
 use std::sync::Arc;
