@@ -570,7 +570,8 @@ impl<'a> Check<'a> {
             max_bytes: mib * 1024 * 1024,
         };
 
-        let rules = self.rules(raw.aliases, raw.merge, raw.rules, mode);
+        let has_own = upstream_credentials.is_some();
+        let rules = self.rules(raw.aliases, raw.merge, raw.rules, mode, has_own);
 
         match upstream {
             Some(upstream) if self.errors.is_empty() => Ok(Config {

@@ -19,7 +19,7 @@ use crate::bounded::{self, Backoff};
 use crate::config::MergeConfig;
 use crate::index::Manifest;
 use crate::metrics::Metrics;
-use crate::rules::{ArchTag, Role, Rule};
+use crate::rules::{ArchTag, Role, Rule, WriteWith};
 use crate::upstream::{Auth, FetchedManifest, Upstream, UpstreamError};
 
 mod children;
@@ -249,6 +249,15 @@ impl Merger {
     /// returned (for the client's `Warning`).
     pub async fn update(self: &Arc<Self>, u: Update<'_>) -> Result<Outcome, MergeError> {
         let started = Instant::now();
+        // A rule may have archmerge's own credentials write its targets.
+        let own = self
+            .own
+            .as_ref()
+            .filter(|_| self.rule(u.repo).write_with == WriteWith::Archmerge);
+        let u = Update {
+            auth: own.unwrap_or(u.auth),
+            ..u
+        };
         let (repo, target) = (u.repo, u.target);
         match self.converge(u).await {
             // A write at a tag that turned out to be no target: no merge

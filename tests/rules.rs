@@ -680,6 +680,86 @@ async fn a_copy_the_registry_refuses_keeps_the_push_and_says_so_in_a_warning() {
     );
 }
 
+#[tokio::test]
+async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets() {
+    // The same token registry, where each CI job's token covers only its
+    // own per-arch repository: with `write_with = "archmerge"` on the rule,
+    // archmerge's own credentials (exchanged at the realm for a token per
+    // scope) copy the child into the target repository and write the index.
+    let issuer = std::sync::Arc::new(TokenIssuer::new());
+    let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-47", 300).await;
+    let registry = spawn_registry_with(RegistryOpts {
+        env: issuer.registry_env_with_realm(&realm.url()),
+        ..RegistryOpts::default()
+    });
+    let proxy = spawn_archmerge_with(
+        &registry.url(),
+        ArchmergeOpts {
+            config_toml: Some(
+                "[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{repo}-{arch}\"]\nwrite_with = \"archmerge\"\n"
+                    .to_owned(),
+            ),
+            env: vec![
+                ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
+                ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-47".into()),
+            ],
+            ..ArchmergeOpts::default()
+        },
+    );
+    let (base, reg) = (proxy.url(), registry.url());
+    let reader = http_bearer(&issuer.token(&[("wg/app", &["pull"])]));
+
+    // Each job may push its own repository only.
+    let amd64_job = http_bearer(&issuer.token(&[("wg/app-amd64", &["pull", "push"])]));
+    let (amd, status, headers, body) =
+        push_for_answer(&amd64_job, &base, "wg/app-amd64", "v1", &AMD64.image(91)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        warnings(&headers),
+        Vec::<String>::new(),
+        "the merge must work"
+    );
+    let arm64_job = http_bearer(&issuer.token(&[("wg/app-arm64", &["pull", "push"])]));
+    let (arm, status, headers, body) =
+        push_for_answer(&arm64_job, &base, "wg/app-arm64", "v1", &ARM64.image(92)).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(
+        warnings(&headers),
+        Vec::<String>::new(),
+        "the merge must work"
+    );
+
+    let index = get_any_manifest(&reader, &reg, "wg/app", "v1")
+        .await
+        .expect(200);
+    assert_eq!(
+        index.entries(),
+        entries([("linux/amd64", &amd), ("linux/arm64/v8", &arm)]),
+        "{}",
+        index.text()
+    );
+    // It was archmerge's own identity that asked for the target's scope.
+    assert!(
+        realm
+            .asked()
+            .iter()
+            .any(|s| s.contains("repository:wg/app:") && s.contains("push")),
+        "archmerge never asked the realm for wg/app: {:?}",
+        realm.asked()
+    );
+
+    // Without upstream_auth the rule is refused: nobody's credentials would do it.
+    let out = check_config(
+        "upstream = \"http://127.0.0.1:5000\"\n[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{repo}-{arch}\"]\nwrite_with = \"archmerge\"\n",
+    );
+    assert_eq!(out.status.code(), Some(64), "{}", shown(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("rules[0].write_with"),
+        "{}",
+        shown(&out)
+    );
+}
+
 // === 9. check-config ===
 
 /// `archmerge check-config --config <file holding text>`.

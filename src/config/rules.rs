@@ -10,7 +10,7 @@ use super::{Check, Mode, RawMerge, S};
 use crate::index::{IndexFormat, PlatformSource};
 use crate::platform::PlatformKey;
 use crate::rules::tags::DEFAULT_PATTERNS;
-use crate::rules::{arch_key, Glob, RepoPattern, Rule, RuleSet};
+use crate::rules::{arch_key, Glob, RepoPattern, Rule, RuleSet, WriteWith};
 use crate::rules::{AliasTable, Pattern, TagRules};
 
 /// One `[[rules]]` entry as written.
@@ -27,6 +27,7 @@ pub(super) struct RawRule {
     annotations: BTreeMap<String, String>,
     platform_source: Option<PlatformSource>,
     index_media_type: Option<IndexFormat>,
+    write_with: Option<Spanned<WriteWith>>,
 }
 
 impl Check<'_> {
@@ -36,6 +37,7 @@ impl Check<'_> {
         merge: RawMerge,
         raw_rules: Vec<RawRule>,
         mode: Mode,
+        has_own_credentials: bool,
     ) -> RuleSet {
         let mut aliases = AliasTable::default_table();
         for (alias, platform) in &raw_aliases {
@@ -132,6 +134,17 @@ impl Check<'_> {
             rule.annotations = raw.annotations;
             rule.platform_source = raw.platform_source.unwrap_or(platform_source);
             rule.index_format = raw.index_media_type.unwrap_or(index_format);
+            if let Some(w) = raw.write_with {
+                let at = Some(w.span().start);
+                rule.write_with = w.into_inner();
+                if rule.write_with == WriteWith::Archmerge && !has_own_credentials {
+                    self.error(
+                        &format!("{key}.write_with"),
+                        at,
+                        "\"archmerge\" needs archmerge's own credentials: set [upstream_auth]",
+                    );
+                }
+            }
             for t in raw.extra_targets.unwrap_or_default() {
                 let k = format!("{key}.extra_targets");
                 if !crate::oci::is_valid_tag(t.get_ref()) {

@@ -95,6 +95,21 @@ impl RepoPattern {
     }
 }
 
+/// Whose credentials the copies into a target repository and the index
+/// writes of a rule's targets carry.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteWith {
+    /// The pushing client's own (the default): archmerge never writes what
+    /// that client could not.
+    #[default]
+    Client,
+    /// archmerge's own (`upstream_auth`): for token registries whose push
+    /// tokens cover only the pushed repository, so a client allowed to push
+    /// a per-arch repository gets its target written for it.
+    Archmerge,
+}
+
 /// One `[[rules]]` entry, validated.
 #[derive(Clone, Debug)]
 pub struct Rule {
@@ -116,6 +131,8 @@ pub struct Rule {
     pub platform_source: PlatformSource,
     /// Docker list, OCI index, or chosen by the children.
     pub index_format: IndexFormat,
+    /// Whose credentials write the rule's targets.
+    pub write_with: WriteWith,
 }
 
 impl Rule {
@@ -131,6 +148,7 @@ impl Rule {
             annotations: BTreeMap::new(),
             platform_source: PlatformSource::Alias,
             index_format: IndexFormat::Auto,
+            write_with: WriteWith::Client,
         }
     }
 
