@@ -2,14 +2,19 @@
 //! patterns (`app-amd64:v1` → `app:v1`): a registry refuses an index whose
 //! children live in another repository. Blobs are mounted across
 //! repositories (or streamed where the mount is refused), then the manifest
-//! is PUT by digest — all with the pushing client's credentials, so nothing
-//! lands where that client could not write.
+//! is PUT at a keep tag of its own (`archmerge.keep.<hex>`, see
+//! [`crate::rules::tags::keep_tag`]) — all with the rule's credentials (the
+//! pushing client's by default), so nothing lands where that client could
+//! not write. The keep tag is what saves the copy from distribution's
+//! `garbage-collect --delete-untagged`, which deletes every untagged
+//! manifest, even one a tagged index lists.
 
 use std::future::Future;
 use std::pin::Pin;
 
 use serde_json::Value;
 
+use crate::rules::tags::keep_tag;
 use crate::upstream::{Auth, Upstream, UpstreamError};
 
 /// How deep an index of indexes is followed.
@@ -35,7 +40,14 @@ fn copy<'a>(
     depth: u8,
 ) -> Pin<Box<dyn Future<Output = Result<(), UpstreamError>> + Send + 'a>> {
     Box::pin(async move {
-        if up.head_manifest(to, digest, auth).await?.is_some() {
+        // The child an index lists gets a keep tag; what it lists in turn
+        // is reached through it.
+        let at = if depth == 0 {
+            keep_tag(digest)
+        } else {
+            digest.to_owned()
+        };
+        if up.head_manifest(to, &at, auth).await?.is_some() {
             return Ok(());
         }
         let Some(m) = up.get_manifest(from, digest, auth).await? else {
@@ -55,8 +67,7 @@ fn copy<'a>(
                 copy(up, from, to, &child, auth, depth + 1).await?;
             }
         }
-        up.put_manifest(to, digest, &m.media_type, m.bytes, auth)
-            .await
+        up.put_manifest(to, &at, &m.media_type, m.bytes, auth).await
     })
 }
 

@@ -454,6 +454,28 @@ fn is_alias_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(is_tag_byte)
 }
 
+/// The prefix of archmerge's keep tags.
+pub const KEEP_PREFIX: &str = "archmerge.keep.";
+
+/// The tag that keeps manifest `digest` reachable in a repository where
+/// archmerge put it there (a child copied under a repository pattern) or
+/// took its tag away (what a target held before archmerge amended it):
+/// distribution's `garbage-collect --delete-untagged` deletes every
+/// untagged manifest, even one a tagged index lists. `archmerge.keep.`
+/// and the digest's hex: never an arch tag, never a target.
+pub fn keep_tag(digest: &str) -> String {
+    let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
+    format!(
+        "{KEEP_PREFIX}{}",
+        &hex[..hex.len().min(128 - KEEP_PREFIX.len())]
+    )
+}
+
+/// Whether `tag` is one of archmerge's keep tags.
+pub fn is_keep_tag(tag: &str) -> bool {
+    tag.starts_with(KEEP_PREFIX)
+}
+
 /// A referrers fallback tag (`<alg>-<ref>`, OCI distribution 1.1, the digest's encoded part
 /// truncated to 64 characters): `[a-z0-9]+-[0-9a-f]{64}`.
 pub fn is_referrers_tag(s: &str) -> bool {

@@ -8,7 +8,7 @@
 //! finds out.
 
 use super::repository::Rule;
-use super::tags::{is_referrers_tag, ArchTag};
+use super::tags::{is_keep_tag, is_referrers_tag, ArchTag};
 
 /// What a tag of a repository is to the merge.
 // Not boxed: made once per tag looked at and consumed at once.
@@ -25,7 +25,8 @@ pub enum Role {
     },
     /// Any other tag: perhaps a target.
     Target,
-    /// A referrers fallback tag (`sha256-<hex>`): never merged, never a target.
+    /// A referrers fallback tag (`sha256-<hex>`) or one of archmerge's keep
+    /// tags (`archmerge.keep.<hex>`): never merged, never a target.
     Untouched,
 }
 
@@ -93,7 +94,7 @@ impl Rule {
                 arch,
             };
         }
-        if is_referrers_tag(tag) {
+        if is_referrers_tag(tag) || is_keep_tag(tag) {
             return Role::Untouched;
         }
         Role::Target
@@ -138,7 +139,7 @@ impl Rule {
 mod tests {
     use super::*;
     use crate::rules::repository::RepoPattern;
-    use crate::rules::tags::TagRules;
+    use crate::rules::tags::{keep_tag, TagRules};
 
     fn default_rule() -> Rule {
         Rule::from_tags(TagRules::default())
@@ -186,11 +187,14 @@ mod tests {
     }
 
     #[test]
-    fn referrers_tags_touch_nothing() {
-        let tag = format!("sha256-{}", "a".repeat(64));
+    fn referrers_and_keep_tags_touch_nothing() {
+        let digest = format!("sha256:{}", "a".repeat(64));
         let r = default_rule();
-        assert_eq!(r.touches("app", Write::Put(&tag)), []);
-        assert_eq!(r.touches("app", Write::Deleted(&[tag])), []);
+        for tag in [format!("sha256-{}", "a".repeat(64)), keep_tag(&digest)] {
+            assert!(crate::oci::is_valid_tag(&tag), "{tag}");
+            assert_eq!(r.touches("app", Write::Put(&tag)), []);
+            assert_eq!(r.touches("app", Write::Deleted(&[tag])), []);
+        }
     }
 
     #[test]
