@@ -15,15 +15,13 @@
 //! `/reconcile` is refused and `/events` is open to the (loopback) admin
 //! address only by where it listens.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
@@ -31,6 +29,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::app::App;
 use crate::body::{self, Body};
+use crate::listener::{Listener, Peer};
 use crate::upstream::Auth;
 use crate::{events, reconcile};
 
@@ -51,32 +50,20 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.timeouts.header_read);
-    tokio::pin!(shutdown);
     tracing::info!(addr = %listener.local_addr()?, "admin listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return Ok(()),
-        };
+    let admin = Listener {
+        name: "admin",
+        builder,
+        tls: None,
+        header_read: app.config.timeouts.header_read,
+        max_connections: None,
+        bound_first_bytes: false,
+    };
+    let handler = move |req, _: Peer| {
         let app = app.clone();
-        let service = service_fn(move |req| {
-            let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(&app, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
+        async move { handle(&app, req).await }
+    };
+    admin.run(listener, handler, shutdown).await
 }
 
 async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {

@@ -14,7 +14,9 @@
 //! - `main.rs` — CLI → config → telemetry → bind → [`server::run`].
 //! - [`config`] — flags, `ARCHMERGE_*` env and TOML → validated [`config::Config`].
 //! - [`app`] — the state every handler shares.
-//! - [`server`] — accept loop, HTTP/1.1 + HTTP/2, dispatch, graceful shutdown.
+//! - [`server`] — the client listener's HTTP/1.1 + HTTP/2 settings, dispatch.
+//! - `listener` — the one accept loop and connection path (TLS, connection limit,
+//!   graceful shutdown) of the client and admin listeners.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then hand arch tags to merge.
@@ -66,6 +68,7 @@ pub mod forward;
 pub mod index;
 pub mod inspect;
 pub mod intercept;
+mod listener;
 pub mod merge;
 pub mod metrics;
 pub mod oci;

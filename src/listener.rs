@@ -1,0 +1,378 @@
+//! The one accept loop and connection-serving path, shared by the client
+//! listener ([`crate::server`]) and the admin listener ([`crate::admin`]):
+//! accept → connection limit → TLS handshake (when configured) → first
+//! bytes → hyper-util's auto builder (HTTP/1.1 or HTTP/2 on one port) →
+//! graceful shutdown.
+//!
+//! The caller brings the builder (its timeouts and window sizes) and a
+//! handler that turns a request and its [`Peer`] into a response; nothing
+//! here knows what the requests mean.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::Body;
+
+/// How long in-flight requests may run after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The other end of a connection, as the handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer {
+    /// The client's address.
+    pub(crate) addr: SocketAddr,
+    /// Whether the connection speaks TLS.
+    pub(crate) tls: bool,
+}
+
+/// How a listener serves the connections it accepts.
+pub(crate) struct Listener {
+    /// `client` or `admin`, in log lines.
+    pub(crate) name: &'static str,
+    /// HTTP/1.1 and HTTP/2 settings.
+    pub(crate) builder: Builder<TokioExecutor>,
+    /// Speak TLS first, when set.
+    pub(crate) tls: Option<TlsAcceptor>,
+    /// Bound on the TLS handshake and on the first bytes of a request.
+    pub(crate) header_read: Duration,
+    /// Most connections served at once; past it a connection is answered
+    /// 503 and closed. `None`: no limit.
+    pub(crate) max_connections: Option<usize>,
+    /// Whether a plain connection must send its first bytes within
+    /// `header_read`.
+    pub(crate) bound_first_bytes: bool,
+}
+
+impl Listener {
+    /// Serves connections on `listener` with `handler` until `shutdown`
+    /// completes, then lets in-flight requests finish (bounded by a drain
+    /// timeout).
+    pub(crate) async fn run<H, F>(
+        self,
+        listener: TcpListener,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()>
+    where
+        H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let this = Arc::new(self);
+        let graceful = GracefulShutdown::new();
+        let limit = this.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, don't spin.
+                        tracing::warn!(listener = this.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let permit = match &limit {
+                None => None,
+                Some(limit) => match limit.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    // Past the connection limit a client gets a clear 503,
+                    // not a hang.
+                    Err(_) => {
+                        tokio::spawn(refuse(stream, addr));
+                        continue;
+                    }
+                },
+            };
+            let (this, handler, watcher) = (this.clone(), handler.clone(), graceful.watcher());
+            tokio::spawn(async move {
+                this.serve(stream, addr, handler, watcher).await;
+                drop(permit);
+            });
+        }
+        tracing::info!(
+            listener = this.name,
+            "shutting down; draining in-flight requests"
+        );
+        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = this.name,
+                "drain timeout passed; closing remaining connections"
+            );
+        }
+        Ok(())
+    }
+
+    /// One connection, from the TLS handshake to its end. The handshake and
+    /// the first bytes run in the connection's own task, bounded like the
+    /// request headers, so a slow client holds up nobody.
+    async fn serve<H, F>(&self, stream: TcpStream, addr: SocketAddr, handler: H, watcher: Watcher)
+    where
+        H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let peer = Peer {
+            addr,
+            tls: self.tls.is_some(),
+        };
+        let stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(acceptor) => {
+                match tokio::time::timeout(self.header_read, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, peer = %addr, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %addr, "TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
+        let conn = if self.bound_first_bytes && !peer.tls {
+            match first_bytes(stream, self.header_read).await {
+                Some(conn) => conn,
+                None => {
+                    tracing::debug!(peer = %addr, "no request within the header timeout");
+                    return;
+                }
+            }
+        } else {
+            Conn::new(Bytes::new(), stream)
+        };
+        let service = service_fn(move |req| {
+            let answer = handler(req, peer);
+            async move { Ok::<_, Infallible>(answer.await) }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(conn), service);
+        if let Err(e) = watcher.watch(conn.into_owned()).await {
+            tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
+        }
+    }
+}
+
+// === refusing past the limit ===
+
+/// Answers a connection over the limit with a 503 and an OCI error body,
+/// then closes it (bounded in time: a client that does not read is dropped).
+async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
+    use tokio::io::AsyncWriteExt;
+    tracing::warn!(%peer, "connection limit reached; refusing a connection");
+    let body = crate::oci::ErrorBody::render(
+        crate::oci::ErrorCode::TooManyRequests,
+        "archmerge is at its connection limit; retry later",
+    );
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        // Read the request head first (bounded): a client library that gets
+        // an answer before it has written reports a broken connection, not
+        // the 503.
+        let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(&body).await?;
+        stream.shutdown().await
+    })
+    .await;
+}
+
+/// Reads (and drops) what the client sends until the end of a request head,
+/// at most 16 KiB.
+async fn read_head(stream: &mut TcpStream) -> io::Result<()> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut seen = 0;
+    while seen < buf.len() {
+        let n = stream.read(&mut buf[seen..]).await?;
+        if n == 0 {
+            break;
+        }
+        seen += n;
+        if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+    }
+    Ok(())
+}
+
+// === first bytes ===
+
+/// Reads, bounded by the header timeout, until the client has sent enough
+/// to tell HTTP/1 from HTTP/2, and hands those bytes back in front of the
+/// stream: the protocol detection reads before hyper's own header timeout
+/// starts, so a client that sends nothing (or trickles the HTTP/2 preface)
+/// would otherwise hold its connection forever. `None`: the client closed
+/// or the time ran out.
+async fn first_bytes(mut stream: Stream, limit: Duration) -> Option<Conn> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let wait = async {
+        let mut buf = [0u8; PREFACE.len()];
+        let mut seen = 0;
+        loop {
+            match stream.read(&mut buf[seen..]).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => seen += n,
+            }
+            // Enough to decide: a full preface, or bytes that are not one.
+            if seen == PREFACE.len() || buf[..seen] != PREFACE[..seen] {
+                return Some(Bytes::copy_from_slice(&buf[..seen]));
+            }
+        }
+    };
+    let prefix = tokio::time::timeout(limit, wait).await.ok()??;
+    Some(Conn::new(prefix, stream))
+}
+
+// === the connection's byte stream ===
+
+/// A client's stream, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A client's stream with the bytes already read from it (by the first
+/// bytes check) put back in front.
+struct Conn {
+    prefix: Bytes,
+    stream: Stream,
+}
+
+impl Conn {
+    fn new(prefix: Bytes, stream: Stream) -> Conn {
+        Conn { prefix, stream }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
