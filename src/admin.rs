@@ -57,7 +57,6 @@ pub async fn run(
         tls: None,
         header_read: app.config.timeouts.header_read,
         max_connections: None,
-        bound_first_bytes: false,
     };
     let handler = move |req, _: Peer| {
         let app = app.clone();

@@ -57,9 +57,6 @@ pub(crate) struct Listener {
     /// Most connections served at once; past it a connection is answered
     /// 503 and closed. `None`: no limit.
     pub(crate) max_connections: Option<usize>,
-    /// Whether a plain connection must send its first bytes within
-    /// `header_read`.
-    pub(crate) bound_first_bytes: bool,
 }
 
 impl Listener {
@@ -156,16 +153,11 @@ impl Listener {
                 }
             }
         };
-        let conn = if self.bound_first_bytes && !peer.tls {
-            match first_bytes(stream, self.header_read).await {
-                Some(conn) => conn,
-                None => {
-                    tracing::debug!(peer = %addr, "no request within the header timeout");
-                    return;
-                }
-            }
-        } else {
-            Conn::new(Bytes::new(), stream)
+        // After the handshake, as on a plain connection: nothing bounds the
+        // protocol detection but this.
+        let Some(conn) = first_bytes(stream, self.header_read).await else {
+            tracing::debug!(peer = %addr, "no request within the header timeout");
+            return;
         };
         let service = service_fn(move |req| {
             let answer = handler(req, peer);

@@ -66,7 +66,6 @@ pub async fn run(
         tls,
         header_read: app.config.timeouts.header_read,
         max_connections: Some(app.config.max_connections),
-        bound_first_bytes: true,
     };
     let handler = move |req, peer: Peer| {
         let app = app.clone();
