@@ -21,7 +21,7 @@ use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -76,6 +76,7 @@ impl Listener {
         let this = Arc::new(self);
         let graceful = GracefulShutdown::new();
         let limit = this.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let refusal = Arc::new(Refusal::new(this.tls.clone()));
         tokio::pin!(shutdown);
         loop {
             let (stream, addr) = tokio::select! {
@@ -98,7 +99,8 @@ impl Listener {
                     // Past the connection limit a client gets a clear 503,
                     // not a hang.
                     Err(_) => {
-                        tokio::spawn(refuse(stream, addr));
+                        let refusal = refusal.clone();
+                        tokio::spawn(async move { refusal.refuse(stream, addr).await });
                         continue;
                     }
                 },
@@ -172,47 +174,94 @@ impl Listener {
 
 // === refusing past the limit ===
 
-/// Answers a connection over the limit with a 503 and an OCI error body,
-/// then closes it (bounded in time: a client that does not read is dropped).
-async fn refuse(mut stream: TcpStream, peer: SocketAddr) {
-    use tokio::io::AsyncWriteExt;
-    tracing::warn!(%peer, "connection limit reached; refusing a connection");
+/// How long a refused connection may take, TLS handshake included.
+const REFUSAL_TIME: Duration = Duration::from_secs(5);
+
+/// Most refusals in flight: a refusal costs a task and, on TLS, a
+/// handshake, so past this a connection is closed at once.
+const MAX_REFUSALS: usize = 256;
+
+/// Answers connections over the limit: the TLS handshake when the
+/// listener speaks TLS, then a 503 with an OCI error body to the first
+/// request, in whichever protocol the client chose, then the connection is
+/// closed. Bounded in time: a client that does not speak is dropped.
+struct Refusal {
+    tls: Option<TlsAcceptor>,
+    builder: Builder<TokioExecutor>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Refusal {
+    fn new(tls: Option<TlsAcceptor>) -> Refusal {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(REFUSAL_TIME)
+            .keep_alive(false);
+        builder.http2().timer(TokioTimer::new());
+        Refusal {
+            tls,
+            builder,
+            in_flight: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        }
+    }
+
+    async fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
+        tracing::warn!(%peer, "connection limit reached; refusing a connection");
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return;
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIME, async {
+            let stream = match &self.tls {
+                None => Stream::Plain(stream),
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => Stream::Tls(Box::new(s)),
+                    Err(_) => return,
+                },
+            };
+            // Answer the first request, then close: HTTP/1.1 by
+            // `Connection: close`, HTTP/2 by GOAWAY.
+            let answered = Arc::new(tokio::sync::Notify::new());
+            let service = service_fn({
+                let answered = answered.clone();
+                move |_req| {
+                    answered.notify_one();
+                    async { Ok::<_, Infallible>(too_many_connections()) }
+                }
+            });
+            let conn = self
+                .builder
+                .serve_connection(TokioIo::new(Conn::new(Bytes::new(), stream)), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = answered.notified() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        })
+        .await;
+    }
+}
+
+/// The 503 of a connection over the limit.
+fn too_many_connections() -> Response<Body> {
     let body = crate::oci::ErrorBody::render(
         crate::oci::ErrorCode::TooManyRequests,
         "archmerge is at its connection limit; retry later",
     );
-    let head = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: 1\r\nconnection: close\r\n\r\n",
-        body.len()
+    let mut resp = Response::new(crate::body::full(body));
+    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
     );
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        // Read the request head first (bounded): a client library that gets
-        // an answer before it has written reports a broken connection, not
-        // the 503.
-        let _ = tokio::time::timeout(Duration::from_secs(1), read_head(&mut stream)).await;
-        stream.write_all(head.as_bytes()).await?;
-        stream.write_all(&body).await?;
-        stream.shutdown().await
-    })
-    .await;
-}
-
-/// Reads (and drops) what the client sends until the end of a request head,
-/// at most 16 KiB.
-async fn read_head(stream: &mut TcpStream) -> io::Result<()> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut seen = 0;
-    while seen < buf.len() {
-        let n = stream.read(&mut buf[seen..]).await?;
-        if n == 0 {
-            break;
-        }
-        seen += n;
-        if buf[..seen].windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    Ok(())
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    resp
 }
 
 // === first bytes ===

@@ -139,7 +139,7 @@ async fn closed_within<S: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-// === TLS: bounded before the request ===
+// === TLS: bounded before the request, and a readable 503 ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_sends_nothing_after_its_handshake_or_trickles_the_preface_is_cut_off() {
@@ -191,4 +191,51 @@ async fn a_tls_client_that_sends_nothing_after_its_handshake_or_trickles_the_pre
         let (_, status, body) = tls_get(&url, &ca.ca_der, alpn).await.unwrap();
         assert_eq!(status, 200, "{alpn:?}: {}", String::from_utf8_lossy(&body));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_limit_a_tls_client_reads_a_503_over_tls_on_h2_and_http11() {
+    let ca = TestCa::new();
+    let registry = spawn_registry();
+    let proxy = spawn_tls(&ca, &registry, &["--max-connections", "1"], "");
+    let port = proxy.port();
+    let url = format!("{}/v2/", proxy.https_url());
+
+    // One client holds the only slot: a served HTTP/1.1 keep-alive
+    // connection, left open.
+    let mut held = tls_connect(port, &ca.ca_der).await;
+    held.write_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    held.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the holding client was not served");
+
+    for alpn in [Alpn::H2, Alpn::Http11, Alpn::H2] {
+        let answer = tls_get(&url, &ca.ca_der, alpn).await;
+        let (version, status, body) = answer.unwrap_or_else(|e| {
+            panic!("a TLS client ({alpn:?}) past the limit got no readable answer: {e}")
+        });
+        assert_eq!(status, 503, "{alpn:?}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(oci_error_codes(&body), ["TOO_MANY_REQUESTS"], "{alpn:?}");
+        let want = match alpn {
+            Alpn::H2 => http::Version::HTTP_2,
+            Alpn::Http11 => http::Version::HTTP_11,
+        };
+        assert_eq!(version, want, "{alpn:?}");
+    }
+
+    // The slot comes free: served again.
+    drop(held);
+    let served = eventually(Duration::from_secs(5), || {
+        let url = url.clone();
+        let ca = ca.ca_der.clone();
+        async move {
+            tls_get(&url, &ca, Alpn::H2)
+                .await
+                .is_ok_and(|(_, status, _)| status == 200)
+        }
+    })
+    .await;
+    assert!(served, "still refused after the holding client left");
 }
