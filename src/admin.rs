@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
@@ -28,7 +27,7 @@ use tokio::net::TcpListener;
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::App;
-use crate::body::{self, Body};
+use crate::body::{self, Body, ClientBody};
 use crate::listener::{Listener, Peer};
 use crate::upstream::Auth;
 use crate::{events, reconcile};
@@ -57,6 +56,8 @@ pub async fn run(
         tls: None,
         header_read: app.config.timeouts.header_read,
         max_connections: None,
+        idle: app.config.timeouts.idle,
+        body_progress: app.config.timeouts.body_progress,
     };
     let handler = move |req, _: Peer| {
         let app = app.clone();
@@ -65,7 +66,7 @@ pub async fn run(
     admin.run(listener, handler, shutdown).await
 }
 
-async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, req: Request<ClientBody>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/reconcile") => {
             if app.config.admin_token.is_none() {

@@ -16,7 +16,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, ClientBody};
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::upstream::{Upstream, UpstreamError};
@@ -67,7 +67,7 @@ impl ClientSide {
 /// Forwards a request with its streamed body and streams the answer back.
 pub async fn forward(
     upstream: &Upstream,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
     let (parts, incoming) = req.into_parts();

@@ -12,10 +12,10 @@
 
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody as Incoming;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use crate::app::App;
 use crate::body::{self, Body};

@@ -16,7 +16,8 @@
 //! - [`app`] — the state every handler shares.
 //! - [`server`] — the client listener's HTTP/1.1 + HTTP/2 settings, dispatch.
 //! - `listener` — the one accept loop and connection path (TLS, connection limit,
-//!   graceful shutdown) of the client and admin listeners.
+//!   first-bytes and idle timeouts, graceful shutdown) of the client and admin
+//!   listeners.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then hand arch tags to merge.
@@ -30,7 +31,8 @@
 //! - [`index`] — pure: entries → canonical index bytes + digest; manifest parsing.
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
 //! - [`error`] — the request-boundary error and its response.
-//! - [`body`] — the one body type for streamed and buffered bodies.
+//! - [`body`] — the one body type for streamed and buffered bodies; the client's
+//!   request body with its progress timeout.
 //! - [`reconcile`] — build or repair the indexes for arch tags already in the registry.
 //! - [`inspect`] — what a target lists, entry by entry.
 //! - [`metrics`] — Prometheus families.

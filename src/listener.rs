@@ -6,7 +6,10 @@
 //!
 //! The caller brings the builder (its timeouts and window sizes) and a
 //! handler that turns a request and its [`Peer`] into a response; nothing
-//! here knows what the requests mean.
+//! here knows what the requests mean. What this path bounds, beyond
+//! hyper's header timeout: the TLS handshake and the first bytes
+//! (`header_read`), a connection with no request in flight (`idle`), and a
+//! request body that stops sending ([`ClientBody`], `body_progress`).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -23,14 +26,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::body::Body;
+use crate::body::{Body, BoxError, ClientBody};
 
 /// How long in-flight requests may run after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -57,6 +59,10 @@ pub(crate) struct Listener {
     /// Most connections served at once; past it a connection is answered
     /// 503 and closed. `None`: no limit.
     pub(crate) max_connections: Option<usize>,
+    /// A connection with no request in flight this long is closed.
+    pub(crate) idle: Duration,
+    /// A request body that sends nothing this long while it is read fails.
+    pub(crate) body_progress: Duration,
 }
 
 impl Listener {
@@ -70,11 +76,13 @@ impl Listener {
         shutdown: impl Future<Output = ()>,
     ) -> io::Result<()>
     where
-        H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+        H: Fn(Request<ClientBody>, Peer) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
         let this = Arc::new(self);
-        let graceful = GracefulShutdown::new();
+        // Every connection holds a receiver: the signal to close, and (once
+        // all are dropped) the sign that every connection has ended.
+        let (stop, _) = watch::channel(false);
         let limit = this.max_connections.map(|n| Arc::new(Semaphore::new(n)));
         let refusal = Arc::new(Refusal::new(this.tls.clone()));
         tokio::pin!(shutdown);
@@ -105,9 +113,9 @@ impl Listener {
                     }
                 },
             };
-            let (this, handler, watcher) = (this.clone(), handler.clone(), graceful.watcher());
+            let (this, handler, stop) = (this.clone(), handler.clone(), stop.subscribe());
             tokio::spawn(async move {
-                this.serve(stream, addr, handler, watcher).await;
+                this.serve(stream, addr, handler, stop).await;
                 drop(permit);
             });
         }
@@ -115,7 +123,8 @@ impl Listener {
             listener = this.name,
             "shutting down; draining in-flight requests"
         );
-        if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        let _ = stop.send(true);
+        if tokio::time::timeout(DRAIN_TIMEOUT, stop.closed())
             .await
             .is_err()
         {
@@ -130,9 +139,14 @@ impl Listener {
     /// One connection, from the TLS handshake to its end. The handshake and
     /// the first bytes run in the connection's own task, bounded like the
     /// request headers, so a slow client holds up nobody.
-    async fn serve<H, F>(&self, stream: TcpStream, addr: SocketAddr, handler: H, watcher: Watcher)
-    where
-        H: Fn(Request<Incoming>, Peer) -> F + Clone + Send + Sync + 'static,
+    async fn serve<H, F>(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        handler: H,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        H: Fn(Request<ClientBody>, Peer) -> F + Clone + Send + Sync + 'static,
         F: Future<Output = Response<Body>> + Send + 'static,
     {
         let peer = Peer {
@@ -161,14 +175,115 @@ impl Listener {
             tracing::debug!(peer = %addr, "no request within the header timeout");
             return;
         };
-        let service = service_fn(move |req| {
-            let answer = handler(req, peer);
-            async move { Ok::<_, Infallible>(answer.await) }
+        let activity = Arc::new(Activity::default());
+        let body_progress = self.body_progress;
+        let service = service_fn({
+            let activity = activity.clone();
+            move |req: Request<Incoming>| {
+                let busy = activity.begin();
+                let req = req.map(|b| ClientBody::new(b, body_progress));
+                let answer = handler(req, peer);
+                async move {
+                    let resp = answer.await;
+                    // Busy until its answer is sent, however long a blob
+                    // download takes.
+                    Ok::<_, Infallible>(resp.map(|body| Busy { body, _busy: busy }))
+                }
+            }
         });
         let conn = self.builder.serve_connection(TokioIo::new(conn), service);
-        if let Err(e) = watcher.watch(conn.into_owned()).await {
-            tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
+        tokio::pin!(conn);
+        let idle = tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|stop| *stop) => false,
+            _ = activity.idle_for(self.idle) => true,
+        };
+        // HTTP/1.1 closes once the answer in flight is sent; HTTP/2 sends
+        // GOAWAY and lets open streams finish.
+        conn.as_mut().graceful_shutdown();
+        if idle {
+            tracing::debug!(peer = %addr, "idle connection closed");
+            // Nothing is in flight: a client that does not take the GOAWAY
+            // is dropped shortly.
+            let _ = tokio::time::timeout(IDLE_GRACE, conn).await;
+        } else {
+            // Bounded by the drain timeout of `run`.
+            let _ = conn.await;
         }
+    }
+}
+
+/// How long an idle connection may take to close once told to.
+const IDLE_GRACE: Duration = Duration::from_secs(5);
+
+// === requests in flight ===
+
+/// The requests in flight on one connection, so that an idle one can be
+/// told apart from one that waits for the registry or streams a blob.
+#[derive(Default)]
+struct Activity {
+    in_flight: watch::Sender<usize>,
+}
+
+/// One request in flight, from its head to the end of its answer.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has had no request in flight for
+    /// `limit` in a row.
+    async fn idle_for(&self, limit: Duration) {
+        let mut seen = self.in_flight.subscribe();
+        loop {
+            // The sender lives as long as `self`: these never fail.
+            let _ = seen.wait_for(|n| *n == 0).await;
+            tokio::select! {
+                _ = tokio::time::sleep(limit) => return,
+                _ = seen.changed() => {}
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper
+/// has sent it (or dropped it with the connection).
+struct Busy {
+    body: Body,
+    _busy: InFlight,
+}
+
+impl http_body::Body for Busy {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 

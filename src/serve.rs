@@ -38,10 +38,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody as Incoming;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use moka::future::Cache;
 use moka::Expiry;
 

@@ -14,13 +14,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
 use crate::app::App;
-use crate::body::Body;
+use crate::body::{Body, ClientBody};
 use crate::config::Mode;
 use crate::error::ProxyError;
 use crate::forward::{self, ClientSide};
@@ -48,7 +47,11 @@ pub async fn run(
         .http2()
         .timer(TokioTimer::new())
         .adaptive_window(true)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // A peer that is gone (no answer to a ping) is noticed and closed,
+        // whatever its streams are waiting for.
+        .keep_alive_interval(app.config.timeouts.h2_keepalive)
+        .keep_alive_timeout(app.config.timeouts.h2_keepalive);
     let tls = match &app.config.tls {
         Some(files) => Some(crate::tls::acceptor(files)?),
         None => None,
@@ -66,6 +69,8 @@ pub async fn run(
         tls,
         header_read: app.config.timeouts.header_read,
         max_connections: Some(app.config.max_connections),
+        idle: app.config.timeouts.idle,
+        body_progress: app.config.timeouts.body_progress,
     };
     let handler = move |req, peer: Peer| {
         let app = app.clone();
@@ -77,7 +82,7 @@ pub async fn run(
 /// One request: route, then forward or intercept, then log and count.
 pub async fn handle(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     peer: SocketAddr,
     tls: bool,
 ) -> Response<Body> {
@@ -127,7 +132,7 @@ pub async fn handle(
 
 async fn dispatch(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     route: Route,
     peer: SocketAddr,
     tls: bool,

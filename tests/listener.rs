@@ -239,3 +239,320 @@ async fn past_the_connection_limit_a_tls_client_reads_a_503_over_tls_on_h2_and_h
     .await;
     assert!(served, "still refused after the holding client left");
 }
+
+// === every connection makes progress or is closed ===
+
+/// archmerge with `max_connections` and `toml`, plain HTTP.
+fn spawn_limited(registry: &Registry, max_connections: usize, toml: &str) -> Archmerge {
+    spawn_archmerge_with(
+        &registry.url(),
+        ArchmergeOpts {
+            args: vec!["--max-connections".into(), max_connections.to_string()],
+            config_toml: Some(toml.to_owned()),
+            ..Default::default()
+        },
+    )
+}
+
+/// Waits until the harness's own probe connection has left and a plain
+/// `GET /v2/` on a fresh connection gets 200 (the slots are free).
+async fn served_within(port: u16, limit: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < limit {
+        let answer = tokio::task::spawn_blocking(move || {
+            raw_exchange(
+                port,
+                b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+                Duration::from_secs(2),
+            )
+        })
+        .await
+        .unwrap();
+        if answer.status == 200 {
+            return Ok(started.elapsed());
+        }
+        last = format!("{} {}", answer.status, answer.text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last)
+}
+
+/// An HTTP/2 (prior knowledge, no TLS) connection that has been served one
+/// `GET /v2/`, and is then held open: it answers pings, sends nothing.
+struct H2Held {
+    /// Kept so the client does not close the connection itself.
+    _send: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    /// Ends when archmerge closes the connection.
+    conn: tokio::task::JoinHandle<()>,
+}
+
+async fn h2_held(port: u16) -> H2Held {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("the h2c handshake");
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get(format!("http://127.0.0.1:{port}/v2/"))
+        .body(Empty::new())
+        .unwrap();
+    let resp = send.send_request(req).await.expect("GET /v2/ over h2c");
+    assert_eq!(resp.status(), 200);
+    let _ = resp.into_body().collect().await;
+    H2Held { _send: send, conn }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_are_closed_after_idle_secs_and_free_their_slots() {
+    const N: usize = 6;
+    let registry = spawn_registry();
+    // header_read_secs stays at its default: only idle_secs can free them.
+    let proxy = spawn_limited(&registry, N, "[timeouts]\nidle_secs = 2\n");
+    let port = proxy.port();
+    served_within(port, Duration::from_secs(5))
+        .await
+        .expect("archmerge never served a first client");
+
+    let started = Instant::now();
+    let mut held = Vec::new();
+    for _ in 0..N {
+        held.push(h2_held(port).await);
+    }
+    // All N slots are taken: the next client is refused.
+    let refused = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            port,
+            b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused.status, 503,
+        "the {N} h2c connections did not fill the limit"
+    );
+
+    let served = served_within(port, Duration::from_secs(8)).await;
+    assert!(
+        served.is_ok(),
+        "{N} idle h2c connections still held every slot {:?} after they went idle \
+         (idle_secs = 2): {served:?}",
+        started.elapsed()
+    );
+    for (i, h) in held.into_iter().enumerate() {
+        let closed = tokio::time::timeout(Duration::from_secs(3), h.conn).await;
+        assert!(closed.is_ok(), "idle h2c connection {i} is still open");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_peer_that_never_answers_a_ping_is_closed_after_h2_keepalive_secs() {
+    let registry = spawn_registry();
+    // Neither the idle nor the header timeout may close it first.
+    let proxy = spawn_limited(
+        &registry,
+        16,
+        "[timeouts]\nidle_secs = 600\nheader_read_secs = 600\nh2_keepalive_secs = 1\n",
+    );
+    let started = Instant::now();
+    let mut raw = TcpStream::connect(("127.0.0.1", proxy.port()))
+        .await
+        .unwrap();
+    // The preface and an empty SETTINGS frame, then nothing: archmerge's
+    // SETTINGS and PINGs are read, never acknowledged.
+    raw.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let cut = closed_within(&mut raw, started, Duration::from_secs(10)).await;
+    assert!(
+        cut.is_some_and(|d| d < Duration::from_secs(6)),
+        "an HTTP/2 peer that never answers a ping was not closed by h2_keepalive_secs = 1 \
+         (idle_secs = 600): {cut:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_http11_connections_are_closed_after_idle_secs_and_free_their_slots() {
+    const N: usize = 6;
+    let registry = spawn_registry();
+    let proxy = spawn_limited(
+        &registry,
+        N,
+        "[timeouts]\nidle_secs = 2\nheader_read_secs = 600\n",
+    );
+    let port = proxy.port();
+    served_within(port, Duration::from_secs(5))
+        .await
+        .expect("archmerge never served a first client");
+
+    let started = Instant::now();
+    let held: Vec<_> = (0..N)
+        .map(|_| {
+            let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            std::io::Write::write_all(&mut conn, b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .unwrap();
+            let a = read_answer(&mut conn, Duration::from_secs(5));
+            assert_eq!(a.status, 200, "{}", a.head);
+            conn
+        })
+        .collect();
+    let served = served_within(port, Duration::from_secs(8)).await;
+    assert!(
+        served.is_ok(),
+        "{N} idle keep-alive connections still held every slot {:?} after they went idle \
+         (idle_secs = 2): {served:?}",
+        started.elapsed()
+    );
+    for (i, mut conn) in held.into_iter().enumerate() {
+        let a = read_answer(&mut conn, Duration::from_secs(2));
+        assert!(
+            a.head.is_empty(),
+            "idle connection {i} got an answer it did not ask for: {}",
+            a.head
+        );
+        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let eof = std::io::Read::read(&mut conn, &mut [0u8; 16]);
+        assert!(
+            matches!(eof, Ok(0) | Err(_))
+                && !matches!(&eof, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "idle connection {i} is still open: {eof:?}"
+        );
+    }
+}
+
+/// `POST /v2/<repo>/blobs/uploads/` on its own connection: the upload's
+/// `Location`.
+fn start_upload(port: u16, repo: &str) -> String {
+    let answer = raw_exchange(
+        port,
+        format!(
+            "POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+        Duration::from_secs(5),
+    );
+    assert_eq!(answer.status, 202, "{}{}", answer.head, answer.text());
+    let location = answer.header("location").expect("a Location");
+    match location.find("/v2/") {
+        Some(at) => location[at..].to_owned(),
+        None => panic!("odd Location {location}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_whose_body_stalls_are_ended_after_body_progress_secs_and_free_their_slots() {
+    const N: usize = 6;
+    let registry = spawn_registry();
+    // Only body_progress_secs can end them.
+    let proxy = spawn_limited(
+        &registry,
+        N,
+        "[timeouts]\nbody_progress_secs = 2\nidle_secs = 600\nheader_read_secs = 600\n",
+    );
+    let port = proxy.port();
+    served_within(port, Duration::from_secs(5))
+        .await
+        .expect("archmerge never served a first client");
+    let uploads: Vec<String> = (0..N / 2)
+        .map(|_| start_upload(port, "stall/blob"))
+        .collect();
+
+    // Half stall a blob chunk (forwarded to the registry as it comes), half
+    // a manifest (read by archmerge itself): 10 bytes of the 1000 declared.
+    let started = Instant::now();
+    let mut heads: Vec<String> = uploads
+        .iter()
+        .map(|at| {
+            format!(
+                "PATCH {at} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                 Content-Type: application/octet-stream\r\nContent-Length: 1000\r\n\r\n"
+            )
+        })
+        .collect();
+    heads.extend((0..N - N / 2).map(|i| {
+        format!(
+            "PUT /v2/stall/app/manifests/x86_64_v{i} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n"
+        )
+    }));
+    let stalled: Vec<_> = heads
+        .into_iter()
+        .map(|head| {
+            std::thread::spawn(move || {
+                let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+                std::io::Write::write_all(&mut conn, head.as_bytes()).unwrap();
+                std::io::Write::write_all(&mut conn, b"0123456789").unwrap();
+                let answer = read_answer(&mut conn, Duration::from_secs(12));
+                (started.elapsed(), answer)
+            })
+        })
+        .collect();
+    // While they stall, every slot is taken.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = tokio::task::spawn_blocking(move || {
+        raw_exchange(
+            port,
+            b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(2),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        refused.status, 503,
+        "the {N} stalled uploads did not fill the limit"
+    );
+
+    let served = served_within(port, Duration::from_secs(8)).await;
+    assert!(
+        served.is_ok(),
+        "{N} stalled request bodies still held every slot {:?} later \
+         (body_progress_secs = 2): {served:?}",
+        started.elapsed()
+    );
+    for t in stalled {
+        let (after, answer) = t.join().unwrap();
+        assert!(
+            after < Duration::from_secs(6),
+            "a stalled body was ended only after {after:?} (answer {} {})",
+            answer.status,
+            answer.text()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_that_keeps_sending_outlives_body_progress_secs() {
+    let registry = spawn_registry();
+    let proxy = spawn_limited(&registry, 16, "[timeouts]\nbody_progress_secs = 1\n");
+    let port = proxy.port();
+    let at = start_upload(port, "slow/blob");
+    // 5 s of upload, a 64 KiB piece every 400 ms: longer than the timeout
+    // in all, shorter between any two pieces.
+    let piece = vec![7u8; 64 * 1024];
+    let pieces = 12;
+    let digest = digest_of(&piece.repeat(pieces));
+    let started = Instant::now();
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let head = format!(
+        "PUT {at}{sep}digest={digest} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n",
+        sep = if at.contains('?') { '&' } else { '?' },
+        len = piece.len() * pieces,
+    );
+    std::io::Write::write_all(&mut conn, head.as_bytes()).unwrap();
+    for _ in 0..pieces {
+        std::thread::sleep(Duration::from_millis(400));
+        std::io::Write::write_all(&mut conn, &piece).expect("archmerge cut a progressing upload");
+    }
+    let answer = read_answer(&mut conn, Duration::from_secs(10));
+    assert!(started.elapsed() > Duration::from_secs(4));
+    assert_eq!(answer.status, 201, "{}{}", answer.head, answer.text());
+}
