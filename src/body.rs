@@ -53,7 +53,8 @@ pub fn empty() -> Body {
 ///
 /// Only time spent waiting for the client counts: while the reader (say the
 /// registry, through backpressure) does not ask for the next frame, the
-/// clock does not run.
+/// clock does not run. (A registry body that archmerge copies into another
+/// upload is wrapped the same way.)
 pub struct ClientBody {
     incoming: hyper::body::Incoming,
     limit: Duration,

@@ -192,7 +192,8 @@ pub struct Timeouts {
     pub h2_keepalive: Duration,
     /// Time to open a connection to the registry.
     pub connect: Duration,
-    /// Time the registry has to start answering a request.
+    /// Time the registry has to start answering a request, counted from its
+    /// last progress on the request body.
     pub upstream_headers: Duration,
 }
 

@@ -556,3 +556,86 @@ async fn a_slow_upload_that_keeps_sending_outlives_body_progress_secs() {
     assert!(started.elapsed() > Duration::from_secs(4));
     assert_eq!(answer.status, 201, "{}{}", answer.head, answer.text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_outlives_upstream_headers_secs_which_counts_from_the_end_of_the_body() {
+    let registry = spawn_registry();
+    let proxy = spawn_limited(&registry, 16, "[timeouts]\nupstream_headers_secs = 1\n");
+    let port = proxy.port();
+    let at = start_upload(port, "slow/blob");
+    let piece = vec![7u8; 64 * 1024];
+    let pieces = 10;
+    let digest = digest_of(&piece.repeat(pieces));
+    let started = Instant::now();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let head = format!(
+            "PUT {at}{sep}digest={digest} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\
+             Connection: close\r\n\r\n",
+            sep = if at.contains('?') { '&' } else { '?' },
+            len = piece.len() * pieces,
+        );
+        std::io::Write::write_all(&mut conn, head.as_bytes()).unwrap();
+        for _ in 0..pieces {
+            std::thread::sleep(Duration::from_millis(300));
+            if std::io::Write::write_all(&mut conn, &piece).is_err() {
+                break;
+            }
+        }
+        read_answer(&mut conn, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert!(started.elapsed() > Duration::from_secs(3));
+    assert_eq!(answer.status, 201, "{}{}", answer.head, answer.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stops_reading_an_upload_still_times_out_with_504() {
+    // A "registry" that accepts connections and never reads a byte.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream = format!("http://{}", hole.local_addr().unwrap());
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        for conn in hole.incoming().take(4) {
+            conns.push(conn);
+        }
+        std::thread::sleep(Duration::from_secs(20));
+    });
+    let proxy = spawn_archmerge_with(
+        &upstream,
+        ArchmergeOpts {
+            config_toml: Some("[timeouts]\nupstream_headers_secs = 1\n".into()),
+            ..Default::default()
+        },
+    );
+    let port = proxy.port();
+    let len = 64 << 20;
+    let started = Instant::now();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let mut writer = conn.try_clone().unwrap();
+        let head = format!(
+            "PATCH /v2/hole/blobs/uploads/x HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\
+             Connection: close\r\n\r\n"
+        );
+        std::thread::spawn(move || {
+            let _ = std::io::Write::write_all(&mut writer, head.as_bytes());
+            let piece = vec![0u8; 1 << 20];
+            for _ in 0..64 {
+                if std::io::Write::write_all(&mut writer, &piece).is_err() {
+                    break;
+                }
+            }
+        });
+        read_answer(&mut conn, Duration::from_secs(15))
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    drop(held);
+    assert_eq!(answer.status, 504, "{}{}", answer.head, answer.text());
+    assert!(took < Duration::from_secs(6), "the 504 took {took:?}");
+}
