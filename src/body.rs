@@ -9,6 +9,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -63,6 +65,9 @@ pub struct ClientBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether the timer runs for the current wait.
     waiting: bool,
+    /// Set when the body stalled, for a reader that only sees the error
+    /// through another (the upstream client's); made on request.
+    stalled: Option<Arc<AtomicBool>>,
 }
 
 /// Why a client's request body ended early.
@@ -84,7 +89,21 @@ impl ClientBody {
             limit,
             timer: None,
             waiting: false,
+            stalled: None,
         }
+    }
+
+    /// The body progress timeout.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// A flag that turns true if this body fails with
+    /// [`ClientBodyError::Stalled`].
+    pub fn stall_flag(&mut self) -> Arc<AtomicBool> {
+        self.stalled
+            .get_or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone()
     }
 }
 
@@ -110,7 +129,12 @@ impl http_body::Body for ClientBody {
             this.waiting = true;
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Stalled(this.limit)))),
+            Poll::Ready(()) => {
+                if let Some(flag) = &this.stalled {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(ClientBodyError::Stalled(this.limit))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// The client's body could not be read (reset, or too slow).
     #[error("reading the request body failed: {0}")]
     ClientBody(String),
+    /// The client stopped sending its request body.
+    #[error("the client sent no body data for {0:?}")]
+    ClientStalled(Duration),
     /// The registry could not be reached.
     #[error("the registry is unreachable: {0}")]
     UpstreamUnreachable(String),
@@ -59,7 +62,8 @@ impl ProxyError {
         match self {
             ProxyError::Route(_)
             | ProxyError::ManifestTooLarge { .. }
-            | ProxyError::ClientBody(_) => Fault::Client,
+            | ProxyError::ClientBody(_)
+            | ProxyError::ClientStalled(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
             ProxyError::Internal(_) => Fault::Internal,
         }
@@ -70,6 +74,7 @@ impl ProxyError {
         match self {
             ProxyError::Route(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::ClientStalled(_) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -82,6 +87,7 @@ impl ProxyError {
             ProxyError::Route(e) => e.code,
             ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
             ProxyError::ClientBody(_) => ErrorCode::ManifestInvalid,
+            ProxyError::ClientStalled(_) => ErrorCode::TooManyRequests,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::Internal(_) => ErrorCode::Unavailable,

@@ -70,9 +70,19 @@ pub async fn forward(
     req: Request<ClientBody>,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
-    let (parts, incoming) = req.into_parts();
+    let (parts, mut incoming) = req.into_parts();
+    // A stalled client body reaches us as the upstream client's error:
+    // answer it as the client's fault, not the registry's.
+    let stalled = incoming.stall_flag();
+    let limit = incoming.limit();
     let req = upstream_request(upstream, parts, body::stream(incoming), client);
-    let resp = upstream.send(req).await.map_err(proxy_error)?;
+    let resp = upstream.send(req).await.map_err(|e| {
+        if stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            ProxyError::ClientStalled(limit)
+        } else {
+            proxy_error(e)
+        }
+    })?;
     Ok(downstream_response(resp, upstream, client))
 }
 
