@@ -17,22 +17,20 @@
 //! other). `/events` queues its work, bounded ([`events::Queue`]): an
 //! envelope that does not fit is answered 503 with `Retry-After`.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use http::{header, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
 use tokio::net::TcpListener;
 
 use http_body_util::{BodyExt, Limited};
 
 use crate::app::App;
-use crate::body::{self, Body};
+use crate::body::{self, Body, ClientBody};
+use crate::listener::{Listener, Peer};
 use crate::upstream::Auth;
 use crate::{events, reconcile};
 
@@ -53,36 +51,25 @@ pub async fn run(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.timeouts.header_read);
-    tokio::pin!(shutdown);
-    let queue = events::Queue::start(app.clone());
     tracing::info!(addr = %listener.local_addr()?, "admin listening");
-    loop {
-        let (stream, _) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = &mut shutdown => return Ok(()),
-        };
+    let queue = events::Queue::start(app.clone());
+    let admin = Listener {
+        name: "admin",
+        builder,
+        tls: None,
+        header_read: app.config.timeouts.header_read,
+        max_connections: None,
+        idle: app.config.timeouts.idle,
+        body_progress: app.config.timeouts.body_progress,
+    };
+    let handler = move |req, _: Peer| {
         let (app, queue) = (app.clone(), queue.clone());
-        let service = service_fn(move |req| {
-            let (app, queue) = (app.clone(), queue.clone());
-            async move { Ok::<_, Infallible>(handle(&app, &queue, req).await) }
-        });
-        let conn = builder
-            .serve_connection(TokioIo::new(stream), service)
-            .into_owned();
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-    }
+        async move { handle(&app, &queue, req).await }
+    };
+    admin.run(listener, handler, shutdown).await
 }
 
-async fn handle(app: &Arc<App>, queue: &events::Queue, req: Request<Incoming>) -> Response<Body> {
+async fn handle(app: &Arc<App>, queue: &events::Queue, req: Request<ClientBody>) -> Response<Body> {
     match (req.method(), req.uri().path()) {
         (&Method::POST, "/reconcile") => {
             if app.config.admin_token.is_none() {

@@ -1,12 +1,23 @@
-//! The one body type that flows through archmerge in both directions.
+//! The one body type that flows through archmerge in both directions, and
+//! the client's request body as handlers get it.
 //!
-//! A streamed [`hyper::body::Incoming`] (from the client or the registry) and
-//! a small buffered manifest both become [`Body`], so `forward` can hand any
-//! of them to the upstream client or back to the client without collecting
-//! a streamed body. Boxing costs one allocation per request, not per chunk.
+//! A streamed body (the client's [`ClientBody`] or the registry's
+//! [`hyper::body::Incoming`]) and a small buffered manifest all become
+//! [`Body`], so `forward` can hand any of them to the upstream client or back
+//! to the client without collecting a streamed body. Boxing costs one
+//! allocation per request, not per chunk.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use http_body::{Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
+use tokio::time::{Instant, Sleep};
 
 /// Error type carried by every body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -15,8 +26,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = BoxBody<Bytes, BoxError>;
 
 /// A streamed body, passed on frame by frame with backpressure.
-pub fn stream(incoming: hyper::body::Incoming) -> Body {
-    incoming.map_err(BoxError::from).boxed()
+pub fn stream<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed()
 }
 
 /// A buffered body with an exact length.
@@ -29,4 +44,106 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
+}
+
+// === the client's request body ===
+
+/// A client's request body: hyper's, failing with
+/// [`ClientBodyError::Stalled`] when the client sends nothing for the body
+/// progress timeout while archmerge waits for it. A slow upload goes on as
+/// long as it takes; a stalled one ends, and frees its connection.
+///
+/// Only time spent waiting for the client counts: while the reader (say the
+/// registry, through backpressure) does not ask for the next frame, the
+/// clock does not run. (A registry body that archmerge copies into another
+/// upload is wrapped the same way.)
+pub struct ClientBody {
+    incoming: hyper::body::Incoming,
+    limit: Duration,
+    /// Made at the first wait, reset at each later one (one allocation per
+    /// body that ever waits, none for a body that is already complete).
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Whether the timer runs for the current wait.
+    waiting: bool,
+    /// Set when the body stalled, for a reader that only sees the error
+    /// through another (the upstream client's); made on request.
+    stalled: Option<Arc<AtomicBool>>,
+}
+
+/// Why a client's request body ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    /// No byte of the body arrived within the body progress timeout.
+    #[error("the client sent no body data for {0:?}")]
+    Stalled(Duration),
+    /// The connection failed or the body was malformed.
+    #[error(transparent)]
+    Read(#[from] hyper::Error),
+}
+
+impl ClientBody {
+    /// `incoming`, failing when no frame arrives within `limit` of asking.
+    pub fn new(incoming: hyper::body::Incoming, limit: Duration) -> ClientBody {
+        ClientBody {
+            incoming,
+            limit,
+            timer: None,
+            waiting: false,
+            stalled: None,
+        }
+    }
+
+    /// The body progress timeout.
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// A flag that turns true if this body fails with
+    /// [`ClientBodyError::Stalled`].
+    pub fn stall_flag(&mut self) -> Arc<AtomicBool> {
+        self.stalled
+            .get_or_insert_with(|| Arc::new(AtomicBool::new(false)))
+            .clone()
+    }
+}
+
+impl http_body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        if let Poll::Ready(frame) = Pin::new(&mut this.incoming).poll_frame(cx) {
+            this.waiting = false;
+            return Poll::Ready(frame.map(|f| f.map_err(ClientBodyError::Read)));
+        }
+        let deadline = Instant::now() + this.limit;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !this.waiting {
+            timer.as_mut().reset(deadline);
+            this.waiting = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                if let Some(flag) = &this.stalled {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                Poll::Ready(Some(Err(ClientBodyError::Stalled(this.limit))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
 }

@@ -120,6 +120,9 @@ struct RawUpstreamAuth {
 #[serde(deny_unknown_fields)]
 struct RawTimeouts {
     header_read_secs: Option<Spanned<u64>>,
+    idle_secs: Option<Spanned<u64>>,
+    body_progress_secs: Option<Spanned<u64>>,
+    h2_keepalive_secs: Option<Spanned<u64>>,
     connect_secs: Option<Spanned<u64>>,
     upstream_headers_secs: Option<Spanned<u64>>,
 }
@@ -175,11 +178,23 @@ pub struct Upstream {
 /// rightly take hours.
 #[derive(Clone, Copy, Debug)]
 pub struct Timeouts {
-    /// Time a client has to send its request headers (slowloris guard).
+    /// Time a client has to send its request headers (slowloris guard);
+    /// also bounds the TLS handshake and, on a keep-alive HTTP/1.1
+    /// connection, the wait for the next request.
     pub header_read: Duration,
+    /// Time a client connection may stay open with no request in flight
+    /// (HTTP/1.1 between requests, HTTP/2 with no open stream).
+    pub idle: Duration,
+    /// Time a request body may send nothing while archmerge reads it; a
+    /// slow upload goes on, a stalled one fails and frees its connection.
+    pub body_progress: Duration,
+    /// Interval of HTTP/2 keep-alive pings, and how long a ping may go
+    /// unanswered before the connection is closed.
+    pub h2_keepalive: Duration,
     /// Time to open a connection to the registry.
     pub connect: Duration,
-    /// Time the registry has to start answering a request.
+    /// Time the registry has to start answering a request, counted from its
+    /// last progress on the request body.
     pub upstream_headers: Duration,
 }
 
@@ -505,6 +520,17 @@ impl<'a> Check<'a> {
                 "timeouts.header_read_secs",
                 raw.timeouts.header_read_secs,
                 30,
+            ),
+            idle: self.secs("timeouts.idle_secs", raw.timeouts.idle_secs, 60),
+            body_progress: self.secs(
+                "timeouts.body_progress_secs",
+                raw.timeouts.body_progress_secs,
+                60,
+            ),
+            h2_keepalive: self.secs(
+                "timeouts.h2_keepalive_secs",
+                raw.timeouts.h2_keepalive_secs,
+                20,
             ),
             connect: self.secs("timeouts.connect_secs", raw.timeouts.connect_secs, 5),
             upstream_headers: self.secs(

@@ -48,6 +48,9 @@ pub enum ProxyError {
     /// The client's manifest body did not arrive in time.
     #[error("the manifest body did not arrive within {0:?}")]
     ClientTimeout(Duration),
+    /// The client stopped sending its request body.
+    #[error("the client sent no body data for {0:?}")]
+    ClientStalled(Duration),
     /// archmerge is at a limit of its own (buffered manifest bytes); the
     /// client should retry shortly.
     #[error("archmerge is busy: {0}; retry shortly")]
@@ -70,7 +73,8 @@ impl ProxyError {
             ProxyError::Route(_)
             | ProxyError::ManifestTooLarge { .. }
             | ProxyError::ClientBody(_)
-            | ProxyError::ClientTimeout(_) => Fault::Client,
+            | ProxyError::ClientTimeout(_)
+            | ProxyError::ClientStalled(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
             ProxyError::Busy(_) => Fault::Overload,
             ProxyError::Internal(_) => Fault::Internal,
@@ -82,7 +86,9 @@ impl ProxyError {
         match self {
             ProxyError::Route(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
             ProxyError::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ProxyError::ClientTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::ClientTimeout(_) | ProxyError::ClientStalled(_) => {
+                StatusCode::REQUEST_TIMEOUT
+            }
             ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -96,7 +102,7 @@ impl ProxyError {
             ProxyError::Route(e) => e.code,
             ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
             ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) => ErrorCode::ManifestInvalid,
-            ProxyError::Busy(_) => ErrorCode::TooManyRequests,
+            ProxyError::ClientStalled(_) | ProxyError::Busy(_) => ErrorCode::TooManyRequests,
             ProxyError::UpstreamUnreachable(_)
             | ProxyError::UpstreamTimeout(_)
             | ProxyError::Internal(_) => ErrorCode::Unavailable,

@@ -18,7 +18,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{request, response, Request, Response, Version};
 use hyper::body::Incoming;
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, ClientBody};
 use crate::bounded::Backoff;
 use crate::config::Config;
 use crate::error::ProxyError;
@@ -80,16 +80,26 @@ pub const RETRIES: usize = 2;
 /// times, short backoff); nothing else ever is.
 pub async fn forward(
     upstream: &Upstream,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
     use http_body::Body as _;
-    let (parts, incoming) = req.into_parts();
+    let (parts, mut incoming) = req.into_parts();
     let repeatable =
         matches!(parts.method, http::Method::GET | http::Method::HEAD) && incoming.is_end_stream();
     if !repeatable {
+        // A stalled client body reaches us as the upstream client's error:
+        // answer it as the client's fault, not the registry's.
+        let stalled = incoming.stall_flag();
+        let limit = incoming.limit();
         let req = upstream_request(upstream, parts, body::stream(incoming), client);
-        let resp = upstream.send(req).await.map_err(proxy_error)?;
+        let resp = upstream.send(req).await.map_err(|e| {
+            if stalled.load(std::sync::atomic::Ordering::Relaxed) {
+                ProxyError::ClientStalled(limit)
+            } else {
+                proxy_error(e)
+            }
+        })?;
         return Ok(downstream_response(resp, upstream, client));
     }
     let mut backoff = Backoff::new(Duration::from_millis(50), 4, Duration::from_millis(400));

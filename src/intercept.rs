@@ -13,10 +13,10 @@
 
 use std::time::{Duration, Instant};
 
+use crate::body::{ClientBody, ClientBodyError};
 use bytes::Bytes;
 use http::{header, request, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::{Accepted, App};
@@ -33,7 +33,7 @@ use crate::upstream::{Auth, FetchedManifest};
 /// A manifest PUT: buffer, forward, merge when it was an arch tag, answer.
 pub async fn put_manifest(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     repo: String,
     reference: Reference,
     client: ClientSide,
@@ -189,7 +189,7 @@ async fn blobs_exist(app: &App, parts: &request::Parts, bytes: &Bytes, auth: &Au
 /// deleted).
 pub async fn delete_manifest(
     app: &App,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     repo: String,
     reference: Reference,
     client: ClientSide,
@@ -237,7 +237,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(10);
 
 /// Reads and drops a refused body, bounded in size and time; past either
 /// bound the connection is closed instead.
-async fn drain(mut incoming: Incoming) {
+async fn drain(mut incoming: ClientBody) {
     let mut seen = 0u64;
     let _ = tokio::time::timeout(DRAIN_TIME, async {
         while let Some(Ok(frame)) = incoming.frame().await {
@@ -259,12 +259,15 @@ const BUDGET_WAIT: Duration = Duration::from_secs(2);
 /// dropped) for as long as the bytes are kept.
 async fn read_manifest_body(
     app: &App,
-    mut incoming: Incoming,
+    mut incoming: ClientBody,
 ) -> Result<(Bytes, OwnedSemaphorePermit), ProxyError> {
     let mut buf = bytes::BytesMut::new();
     let mut held: Option<OwnedSemaphorePermit> = None;
     while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|e| ProxyError::ClientBody(e.to_string()))?;
+        let frame = frame.map_err(|e| match e {
+            ClientBodyError::Stalled(limit) => ProxyError::ClientStalled(limit),
+            other => ProxyError::ClientBody(other.to_string()),
+        })?;
         if let Some(data) = frame.data_ref() {
             if buf.len() + data.len() > MAX_MANIFEST_BYTES {
                 drop(held);

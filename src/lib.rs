@@ -15,6 +15,9 @@
 //! - `main.rs` — CLI → config → telemetry → bind → [`server::run`].
 //! - [`server`] — the listener: accept, TLS, HTTP/1.1 + HTTP/2, routing of
 //!   each request to forward, intercept or serve; the one log line.
+//! - `listener` — the one accept loop and connection path of the client and
+//!   admin listeners: TLS, connection limit, first-bytes and idle timeouts,
+//!   graceful shutdown.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then ask the rules what
@@ -45,6 +48,9 @@
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
 //! - [`error`] — the request-boundary error and its response.
 //! - [`body`] — the one body type for streamed and buffered bodies.
+//! - `listener` — the one accept loop and connection path of the client and
+//!   admin listeners: TLS, connection limit, first-bytes and idle timeouts,
+//!   graceful shutdown.
 //! - [`metrics`] — Prometheus families.
 //! - [`tls`] — rustls on the listener and towards an https registry.
 //!
@@ -84,6 +90,7 @@ pub mod forward;
 pub mod index;
 pub mod inspect;
 pub mod intercept;
+mod listener;
 pub mod merge;
 pub mod metrics;
 pub mod oci;

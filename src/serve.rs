@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::body::ClientBody;
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use moka::future::Cache;
 use moka::Expiry;
 
@@ -276,7 +276,7 @@ impl Aggregates {
 pub async fn get_manifest(
     app: &App,
     aggregates: &Aggregates,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     repo: String,
     reference: Reference,
     client: ClientSide,

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::oci::MAX_MANIFEST_BYTES;
 
 mod blobs;
+mod pace;
 mod token;
 
 /// Every manifest media type archmerge understands, sent as `Accept` on its
@@ -239,17 +240,38 @@ impl Upstream {
     }
 
     /// Sends a request and waits (bounded) for the response headers; the
-    /// body then streams with no total timeout.
+    /// body then streams with no total timeout. The bound counts from the
+    /// registry's last progress on the request body ([`pace`]), so an upload
+    /// takes as long as its client sends.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(self.headers_timeout, self.client.request(req)).await;
+        let pace = pace::Pace::new();
+        let req = req.map(|body| {
+            body::stream(pace::Paced {
+                body,
+                pace: pace.clone(),
+            })
+        });
+        let answer = self.client.request(req);
+        tokio::pin!(answer);
+        let result = loop {
+            let deadline = pace.deadline(self.headers_timeout);
+            tokio::select! {
+                result = &mut answer => break Some(result),
+                _ = tokio::time::sleep_until(deadline) => {
+                    if pace.deadline(self.headers_timeout) <= tokio::time::Instant::now() {
+                        break None;
+                    }
+                }
+            }
+        };
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
-            Err(_) => Err(UpstreamError::Timeout(self.headers_timeout)),
+            Some(Ok(resp)) => Ok(resp),
+            Some(Err(e)) => Err(UpstreamError::Unreachable(error_chain(&e))),
+            None => Err(UpstreamError::Timeout(self.headers_timeout)),
         }
     }
 

@@ -17,6 +17,39 @@ fn flags_alone_are_enough() {
     assert_eq!(c.upstream.origin, "http://127.0.0.1:5000");
     assert_eq!(c.mode, Mode::Write);
     assert_eq!(c.timeouts.header_read, Duration::from_secs(30));
+    assert_eq!(c.timeouts.idle, Duration::from_secs(60));
+    assert_eq!(c.timeouts.body_progress, Duration::from_secs(60));
+    assert_eq!(c.timeouts.h2_keepalive, Duration::from_secs(20));
+}
+
+#[test]
+fn connection_timeouts_are_read_from_the_file_and_zero_is_refused() {
+    let s = Settings {
+        upstream: Some("http://127.0.0.1:5000".into()),
+        ..settings()
+    };
+    let c = Config::from_toml(
+        &s,
+        "[timeouts]\nidle_secs = 7\nbody_progress_secs = 8\nh2_keepalive_secs = 9\n",
+    )
+    .unwrap();
+    assert_eq!(c.timeouts.idle, Duration::from_secs(7));
+    assert_eq!(c.timeouts.body_progress, Duration::from_secs(8));
+    assert_eq!(c.timeouts.h2_keepalive, Duration::from_secs(9));
+
+    let err = Config::from_toml(
+        &s,
+        "[timeouts]\nidle_secs = 0\nbody_progress_secs = 0\nh2_keepalive_secs = 0\n",
+    )
+    .unwrap_err()
+    .to_string();
+    for key in [
+        "timeouts.idle_secs: must be at least 1",
+        "timeouts.body_progress_secs: must be at least 1",
+        "timeouts.h2_keepalive_secs: must be at least 1",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
 }
 
 #[test]

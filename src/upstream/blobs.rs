@@ -7,7 +7,7 @@ use http::{header, Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use super::{expect_ok, Auth, Upstream, UpstreamError, MAX_CONFIG_BYTES};
-use crate::body;
+use crate::body::{self, ClientBody};
 
 impl Upstream {
     /// GET of a blob, following one redirect to storage without the
@@ -150,7 +150,12 @@ impl Upstream {
             req = req.header(header::AUTHORIZATION, a.clone());
         }
         let req = req
-            .body(body::stream(source.into_body()))
+            // The source must keep coming too: `send`'s clock stops while
+            // the body waits for it.
+            .body(body::stream(ClientBody::new(
+                source.into_body(),
+                self.headers_timeout,
+            )))
             .map_err(|e| UpstreamError::Unreachable(e.to_string()))?;
         let resp = self.send(req).await?;
         expect_ok(resp, "blob upload", 4096).await.map(|_| ())

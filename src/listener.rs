@@ -1,0 +1,534 @@
+//! The one accept loop and connection-serving path, shared by the client
+//! listener ([`crate::server`]) and the admin listener ([`crate::admin`]):
+//! accept → connection limit → TLS handshake (when configured) → first
+//! bytes → hyper-util's auto builder (HTTP/1.1 or HTTP/2 on one port) →
+//! graceful shutdown.
+//!
+//! The caller brings the builder (its timeouts and window sizes) and a
+//! handler that turns a request and its [`Peer`] into a response; nothing
+//! here knows what the requests mean. What this path bounds, beyond
+//! hyper's header timeout: the TLS handshake and the first bytes
+//! (`header_read`), a connection with no request in flight (`idle`), and a
+//! request body that stops sending ([`ClientBody`], `body_progress`).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::{Body, BoxError, ClientBody};
+
+/// How long in-flight requests may run after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The other end of a connection, as the handler sees it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Peer {
+    /// The client's address.
+    pub(crate) addr: SocketAddr,
+    /// Whether the connection speaks TLS.
+    pub(crate) tls: bool,
+}
+
+/// How a listener serves the connections it accepts.
+pub(crate) struct Listener {
+    /// `client` or `admin`, in log lines.
+    pub(crate) name: &'static str,
+    /// HTTP/1.1 and HTTP/2 settings.
+    pub(crate) builder: Builder<TokioExecutor>,
+    /// Speak TLS first, when set.
+    pub(crate) tls: Option<TlsAcceptor>,
+    /// Bound on the TLS handshake and on the first bytes of a request.
+    pub(crate) header_read: Duration,
+    /// Most connections served at once; past it a connection is answered
+    /// 503 and closed. `None`: no limit.
+    pub(crate) max_connections: Option<usize>,
+    /// A connection with no request in flight this long is closed.
+    pub(crate) idle: Duration,
+    /// A request body that sends nothing this long while it is read fails.
+    pub(crate) body_progress: Duration,
+}
+
+impl Listener {
+    /// Serves connections on `listener` with `handler` until `shutdown`
+    /// completes, then lets in-flight requests finish (bounded by a drain
+    /// timeout).
+    pub(crate) async fn run<H, F>(
+        self,
+        listener: TcpListener,
+        handler: H,
+        shutdown: impl Future<Output = ()>,
+    ) -> io::Result<()>
+    where
+        H: Fn(Request<ClientBody>, Peer) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let this = Arc::new(self);
+        // Every connection holds a receiver: the signal to close, and (once
+        // all are dropped) the sign that every connection has ended.
+        let (stop, _) = watch::channel(false);
+        let limit = this.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+        let refusal = Arc::new(Refusal::new(this.tls.clone()));
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off, don't spin.
+                        tracing::warn!(listener = this.name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let permit = match &limit {
+                None => None,
+                Some(limit) => match limit.clone().try_acquire_owned() {
+                    Ok(permit) => Some(permit),
+                    // Past the connection limit a client gets a clear 503,
+                    // not a hang.
+                    Err(_) => {
+                        let refusal = refusal.clone();
+                        tokio::spawn(async move { refusal.refuse(stream, addr).await });
+                        continue;
+                    }
+                },
+            };
+            let (this, handler, stop) = (this.clone(), handler.clone(), stop.subscribe());
+            tokio::spawn(async move {
+                this.serve(stream, addr, handler, stop).await;
+                drop(permit);
+            });
+        }
+        tracing::info!(
+            listener = this.name,
+            "shutting down; draining in-flight requests"
+        );
+        let _ = stop.send(true);
+        if tokio::time::timeout(DRAIN_TIMEOUT, stop.closed())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                listener = this.name,
+                "drain timeout passed; closing remaining connections"
+            );
+        }
+        Ok(())
+    }
+
+    /// One connection, from the TLS handshake to its end. The handshake and
+    /// the first bytes run in the connection's own task, bounded like the
+    /// request headers, so a slow client holds up nobody.
+    async fn serve<H, F>(
+        &self,
+        stream: TcpStream,
+        addr: SocketAddr,
+        handler: H,
+        mut stop: watch::Receiver<bool>,
+    ) where
+        H: Fn(Request<ClientBody>, Peer) -> F + Clone + Send + Sync + 'static,
+        F: Future<Output = Response<Body>> + Send + 'static,
+    {
+        let peer = Peer {
+            addr,
+            tls: self.tls.is_some(),
+        };
+        let stream = match &self.tls {
+            None => Stream::Plain(stream),
+            Some(acceptor) => {
+                match tokio::time::timeout(self.header_read, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => Stream::Tls(Box::new(s)),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, peer = %addr, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(peer = %addr, "TLS handshake timed out");
+                        return;
+                    }
+                }
+            }
+        };
+        // After the handshake, as on a plain connection: nothing bounds the
+        // protocol detection but this.
+        let Some(conn) = first_bytes(stream, self.header_read).await else {
+            tracing::debug!(peer = %addr, "no request within the header timeout");
+            return;
+        };
+        let activity = Arc::new(Activity::default());
+        let body_progress = self.body_progress;
+        let service = service_fn({
+            let activity = activity.clone();
+            move |req: Request<Incoming>| {
+                let busy = activity.begin();
+                let req = req.map(|b| ClientBody::new(b, body_progress));
+                let answer = handler(req, peer);
+                async move {
+                    let resp = answer.await;
+                    // Busy until its answer is sent, however long a blob
+                    // download takes.
+                    Ok::<_, Infallible>(resp.map(|body| Busy { body, _busy: busy }))
+                }
+            }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(conn), service);
+        tokio::pin!(conn);
+        let idle = tokio::select! {
+            ended = conn.as_mut() => {
+                if let Err(e) = ended {
+                    tracing::debug!(error = %e, peer = %addr, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stop.wait_for(|stop| *stop) => false,
+            _ = activity.idle_for(self.idle) => true,
+        };
+        // HTTP/1.1 closes once the answer in flight is sent; HTTP/2 sends
+        // GOAWAY and lets open streams finish.
+        conn.as_mut().graceful_shutdown();
+        if idle {
+            tracing::debug!(peer = %addr, "idle connection closed");
+            // Nothing is in flight: a client that does not take the GOAWAY
+            // is dropped shortly.
+            let _ = tokio::time::timeout(IDLE_GRACE, conn).await;
+        } else {
+            // Bounded by the drain timeout of `run`.
+            let _ = conn.await;
+        }
+    }
+}
+
+/// How long an idle connection may take to close once told to.
+const IDLE_GRACE: Duration = Duration::from_secs(5);
+
+// === requests in flight ===
+
+/// The requests in flight on one connection, so that an idle one can be
+/// told apart from one that waits for the registry or streams a blob.
+#[derive(Default)]
+struct Activity {
+    in_flight: watch::Sender<usize>,
+}
+
+/// One request in flight, from its head to the end of its answer.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.send_modify(|n| *n += 1);
+        InFlight(self.clone())
+    }
+
+    /// Completes once the connection has had no request in flight for
+    /// `limit` in a row.
+    async fn idle_for(&self, limit: Duration) {
+        let mut seen = self.in_flight.subscribe();
+        loop {
+            // The sender lives as long as `self`: these never fail.
+            let _ = seen.wait_for(|n| *n == 0).await;
+            tokio::select! {
+                _ = tokio::time::sleep(limit) => return,
+                _ = seen.changed() => {}
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.send_modify(|n| *n -= 1);
+    }
+}
+
+/// A response body that keeps its request counted as in flight until hyper
+/// has sent it (or dropped it with the connection).
+struct Busy {
+    body: Body,
+    _busy: InFlight,
+}
+
+impl http_body::Body for Busy {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+// === refusing past the limit ===
+
+/// How long a refused connection may take, TLS handshake included.
+const REFUSAL_TIME: Duration = Duration::from_secs(5);
+
+/// Most refusals in flight: a refusal costs a task and, on TLS, a
+/// handshake, so past this a connection is closed at once.
+const MAX_REFUSALS: usize = 256;
+
+/// Answers connections over the limit: the TLS handshake when the
+/// listener speaks TLS, then a 503 with an OCI error body to the first
+/// request, in whichever protocol the client chose, then the connection is
+/// closed. Bounded in time: a client that does not speak is dropped.
+struct Refusal {
+    tls: Option<TlsAcceptor>,
+    builder: Builder<TokioExecutor>,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Refusal {
+    fn new(tls: Option<TlsAcceptor>) -> Refusal {
+        let mut builder = Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(REFUSAL_TIME)
+            .keep_alive(false);
+        builder.http2().timer(TokioTimer::new());
+        Refusal {
+            tls,
+            builder,
+            in_flight: Arc::new(Semaphore::new(MAX_REFUSALS)),
+        }
+    }
+
+    async fn refuse(&self, stream: TcpStream, peer: SocketAddr) {
+        tracing::warn!(%peer, "connection limit reached; refusing a connection");
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return;
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIME, async {
+            let stream = match &self.tls {
+                None => Stream::Plain(stream),
+                Some(acceptor) => match acceptor.accept(stream).await {
+                    Ok(s) => Stream::Tls(Box::new(s)),
+                    Err(_) => return,
+                },
+            };
+            // Answer the first request, then close: HTTP/1.1 by
+            // `Connection: close`, HTTP/2 by GOAWAY.
+            let answered = Arc::new(tokio::sync::Notify::new());
+            let service = service_fn({
+                let answered = answered.clone();
+                move |_req| {
+                    answered.notify_one();
+                    async { Ok::<_, Infallible>(too_many_connections()) }
+                }
+            });
+            let conn = self
+                .builder
+                .serve_connection(TokioIo::new(Conn::new(Bytes::new(), stream)), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = answered.notified() => conn.as_mut().graceful_shutdown(),
+            }
+            let _ = conn.await;
+        })
+        .await;
+    }
+}
+
+/// The 503 of a connection over the limit.
+fn too_many_connections() -> Response<Body> {
+    let body = crate::oci::ErrorBody::render(
+        crate::oci::ErrorCode::TooManyRequests,
+        "archmerge is at its connection limit; retry later",
+    );
+    let mut resp = Response::new(crate::body::full(body));
+    *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    headers.insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    resp
+}
+
+// === first bytes ===
+
+/// Reads, bounded by the header timeout, until the client has sent enough
+/// to tell HTTP/1 from HTTP/2, and hands those bytes back in front of the
+/// stream: the protocol detection reads before hyper's own header timeout
+/// starts, so a client that sends nothing (or trickles the HTTP/2 preface)
+/// would otherwise hold its connection forever. `None`: the client closed
+/// or the time ran out.
+async fn first_bytes(mut stream: Stream, limit: Duration) -> Option<Conn> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let wait = async {
+        let mut buf = [0u8; PREFACE.len()];
+        let mut seen = 0;
+        loop {
+            match stream.read(&mut buf[seen..]).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => seen += n,
+            }
+            // Enough to decide: a full preface, or bytes that are not one.
+            if seen == PREFACE.len() || buf[..seen] != PREFACE[..seen] {
+                return Some(Bytes::copy_from_slice(&buf[..seen]));
+            }
+        }
+    };
+    let prefix = tokio::time::timeout(limit, wait).await.ok()??;
+    Some(Conn::new(prefix, stream))
+}
+
+// === the connection's byte stream ===
+
+/// A client's stream, plain or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// A client's stream with the bytes already read from it (by the first
+/// bytes check) put back in front.
+struct Conn {
+    prefix: Bytes,
+    stream: Stream,
+}
+
+impl Conn {
+    fn new(prefix: Bytes, stream: Stream) -> Conn {
+        Conn { prefix, stream }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
