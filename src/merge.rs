@@ -498,6 +498,7 @@ impl Merger {
         let Decision {
             mut desired,
             copies,
+            displaced,
             ..
         } = self.plan(repo, target, snapshot, current, auth).await?;
         let mut outcome = Outcome::Restored;
@@ -545,6 +546,15 @@ impl Merger {
         // A registry refuses an index whose children live elsewhere.
         for (from, child) in &copies {
             copy::manifest(&self.upstream, from, repo, child, auth).await?;
+        }
+        // What the index displaces keeps a tag of its own (garbage-collect
+        // --delete-untagged would delete it, and it is what a fall back
+        // restores).
+        if let Some(m) = displaced.filter(|m| m.digest != digest) {
+            let keep = crate::rules::tags::keep_tag(&m.digest);
+            self.upstream
+                .put_manifest(repo, &keep, &m.media_type, m.bytes, auth)
+                .await?;
         }
         let mut wrote = false;
         let outcome = if current_digest.as_deref() == Some(digest.as_str()) {

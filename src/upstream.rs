@@ -102,7 +102,7 @@ impl UpstreamError {
 }
 
 /// A manifest as the registry stores it.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FetchedManifest {
     /// The exact bytes.
     pub bytes: Bytes,

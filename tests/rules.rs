@@ -311,8 +311,13 @@ repository_patterns = ["{repo}-{arch}"]
         "{}",
         index.text()
     );
-    // The children are there by digest only: no tag was added.
-    assert_eq!(s.tags("wg/go-ui").await, vec!["v1.0.2"]);
+    // Each copied child has a keep tag of its own (garbage-collect
+    // --delete-untagged deletes untagged manifests, even listed ones), and
+    // no other tag was added.
+    let keep = |d: &str| format!("archmerge.keep.{}", d.trim_start_matches("sha256:"));
+    let mut want = vec![keep(&amd), keep(&arm), "v1.0.2".to_owned()];
+    want.sort();
+    assert_eq!(s.tags("wg/go-ui").await, want);
     // The per-arch repositories keep their own tags.
     assert_eq!(s.tags("wg/go-ui-amd64").await, vec!["v1.0.2"]);
 

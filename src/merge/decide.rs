@@ -79,6 +79,10 @@ pub struct Decision {
     pub missing: Vec<String>,
     /// Entries the index leaves out, and why.
     pub dropped: Vec<Dropped>,
+    /// What the target holds that archmerge did not make, when the index
+    /// takes its place (it becomes the index's base): it loses its tag, so
+    /// it gets a keep tag of its own, to be there to restore.
+    pub displaced: Option<FetchedManifest>,
 }
 
 /// Why no decision could be made.
@@ -182,11 +186,16 @@ pub fn decide(
     } else {
         Desired::Nothing
     };
+    let displaced = match (&desired, current) {
+        (Desired::Index(_), Some(c)) if !c.ours => Some(c.manifest.clone()),
+        _ => None,
+    };
     Ok(Decision {
         desired,
         copies,
         missing,
         dropped,
+        displaced,
     })
 }
 

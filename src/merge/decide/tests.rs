@@ -178,6 +178,8 @@ fn a_list_pushed_at_the_target_is_amended_and_becomes_the_base() {
         ]
     );
     assert_eq!(base_of(&d), Some(dg('1')));
+    // The list loses its tag to the index: it is kept by a tag of its own.
+    assert_eq!(d.displaced.map(|m| m.digest), Some(dg('1')));
 }
 
 #[test]
@@ -216,6 +218,8 @@ fn our_index_keeps_only_what_it_amended() {
         ]
     );
     assert_eq!(base_of(&d), Some(dg('1')));
+    // archmerge's own index displaces nothing worth keeping.
+    assert_eq!(d.displaced, None);
 }
 
 #[test]
