@@ -7,6 +7,7 @@
 #   docker-registry  the CNCF distribution registry the tests start
 #   skopeo           the image client the tests push and pull with
 #   docker.io        only for its `docker` CLI (`docker manifest inspect`)
+#   util-linux       `prlimit`, to start archmerge under an open-file limit
 #
 # Environment:
 #   ARCHMERGE_ALLOW_NO_DOCKER=1  pass even when no Docker engine answers (the
@@ -27,6 +28,7 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 if ((${#need[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
