@@ -108,10 +108,11 @@ impl Registry {
             let shape: String = a
                 .path
                 .split('/')
-                .map(|seg| {
+                .enumerate()
+                .map(|(i, seg)| {
                     if seg.starts_with("sha256:") {
                         "<digest>".to_owned()
-                    } else if seg == "v2" {
+                    } else if i == 1 {
                         seg.to_owned()
                     } else {
                         fold_digits(seg)
