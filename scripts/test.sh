@@ -9,6 +9,7 @@
 #   docker.io        only for its `docker` CLI (`docker manifest inspect`)
 #   buildah, podman  the manifest-list clients (`buildah manifest push --all`)
 #   python3-pip      when python3 has no pip, to install the PyPI package below
+#   util-linux       `prlimit`, to start archmerge under an open-file limit
 # and one PyPI package, when `python3 -c 'import oras'` fails:
 #   oras             oras-py, the artifact client (tests/support/clients.rs)
 #
@@ -31,6 +32,7 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 command -v sha256sum >/dev/null 2>&1 || need+=(coreutils)
+command -v prlimit >/dev/null 2>&1 || need+=(util-linux)
 command -v buildah >/dev/null 2>&1 || need+=(buildah)
 command -v podman >/dev/null 2>&1 || need+=(podman)
 if ! command -v python3 >/dev/null 2>&1; then

@@ -22,6 +22,9 @@
 //!   the eight arches of the alias table and an index's entries.
 //! - `ops` — a registry with a fixed port, TLS or notifications; archmerge
 //!   serving TLS; archmerge's one-shot commands.
+//! - `observe` — a process watched from outside: the registry's access
+//!   log (one line per request, so a test counts what archmerge cost it),
+//!   archmerge's open file descriptors and their limit.
 //! - `certs` — a test CA and a server certificate for 127.0.0.1 (rcgen).
 //! - `token` — registry token auth: a throwaway token service whose tokens
 //!   carry exactly the repository scopes a test grants.
@@ -41,6 +44,7 @@ mod faults;
 mod http;
 mod image;
 mod manifest;
+mod observe;
 mod ops;
 mod token;
 mod tools;
@@ -61,6 +65,8 @@ pub use http::*;
 pub use image::*;
 #[allow(unused_imports)]
 pub use manifest::*;
+#[allow(unused_imports)]
+pub use observe::*;
 #[allow(unused_imports)]
 pub use ops::*;
 #[allow(unused_imports)]
@@ -338,6 +344,10 @@ pub struct ArchmergeOpts {
     pub env: Vec<(String, String)>,
     /// TOML text written to a file and passed as `--config`.
     pub config_toml: Option<String>,
+    /// Start archmerge with this open-file limit (soft and hard
+    /// `RLIMIT_NOFILE`), through util-linux's `prlimit`, which sets it and
+    /// execs archmerge in the same process.
+    pub nofile: Option<u64>,
 }
 
 /// A running `archmerge serve` on a fixed loopback port, its stderr in a log
@@ -406,7 +416,16 @@ impl Archmerge {
     /// (any status: a 502 from a dead upstream still means archmerge is up).
     fn start(&mut self) -> Result<(), String> {
         let (out, err) = log_file(&self.log_path());
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_archmerge"));
+        let mut cmd = match self.opts.nofile {
+            Some(n) => {
+                let mut c = Command::new("prlimit");
+                c.arg(format!("--nofile={n}:{n}"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_archmerge"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_archmerge")),
+        };
         cmd.arg("serve")
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", self.port))
@@ -434,7 +453,7 @@ impl Archmerge {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", env!("CARGO_BIN_EXE_archmerge")))?;
+            .map_err(|e| format!("cannot run {:?}: {e}", cmd.get_program()))?;
         match wait_for(&mut child, self.port, |_| true) {
             Ok(()) => {
                 self.child = Some(child);
