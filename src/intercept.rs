@@ -53,7 +53,7 @@ pub async fn put_manifest(
     }
     let limit = app.config.timeouts.header_read;
     let (bytes, _budget) =
-        match tokio::time::timeout(limit, read_manifest_body(app, incoming)).await {
+        match tokio::time::timeout(limit, read_manifest_body(app, incoming, declared)).await {
             Ok(read) => read?,
             Err(_) => return Err(ProxyError::ClientTimeout(limit)),
         };
@@ -255,54 +255,67 @@ async fn drain(mut incoming: ClientBody) {
 const BUDGET_WAIT: Duration = Duration::from_secs(2);
 
 /// Buffers a manifest body, refusing (and draining) more than the limit,
-/// and holding its size in the global budget (returned; released when
-/// dropped) for as long as the bytes are kept.
+/// and holding what the buffer allocates in the global budget (returned;
+/// released when dropped) for as long as the bytes are kept. The buffer
+/// grows in steps the budget grants first, so its capacity, not only its
+/// length, is what is counted.
 async fn read_manifest_body(
     app: &App,
     mut incoming: ClientBody,
+    declared: Option<u64>,
 ) -> Result<(Bytes, OwnedSemaphorePermit), ProxyError> {
-    let mut buf = bytes::BytesMut::new();
-    let mut held: Option<OwnedSemaphorePermit> = None;
+    // Refused for the budget, a body is not drained first (as an oversized
+    // one is): reading it is what the budget bounds. A legitimate manifest
+    // is small and already sent; its client reads the 503 and retries.
+    let mut held = reserve(app, None, declared.unwrap_or(0) as usize).await?;
+    let mut buf = bytes::BytesMut::with_capacity(held.num_permits() * 1024);
     while let Some(frame) = incoming.frame().await {
         let frame = frame.map_err(|e| match e {
             ClientBodyError::Stalled(limit) => ProxyError::ClientStalled(limit),
             other => ProxyError::ClientBody(other.to_string()),
         })?;
-        if let Some(data) = frame.data_ref() {
-            if buf.len() + data.len() > MAX_MANIFEST_BYTES {
-                drop(held);
-                drain(incoming).await;
-                return Err(ProxyError::ManifestTooLarge {
-                    limit: MAX_MANIFEST_BYTES,
-                });
-            }
-            let need = (buf.len() + data.len()).div_ceil(1024) as u32;
-            let have = held.as_ref().map_or(0, |p| p.num_permits() as u32);
-            if need > have {
-                let more = app.manifest_budget.clone().acquire_many_owned(need - have);
-                match tokio::time::timeout(BUDGET_WAIT, more).await {
-                    Ok(Ok(p)) => match &mut held {
-                        Some(h) => h.merge(p),
-                        None => held = Some(p),
-                    },
-                    _ => {
-                        drop(held);
-                        drain(incoming).await;
-                        return Err(ProxyError::Busy("too many manifest bytes are buffered"));
-                    }
-                }
-            }
-            buf.extend_from_slice(data);
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        let needed = buf.len() + data.len();
+        if needed > MAX_MANIFEST_BYTES {
+            drop(held);
+            drain(incoming).await;
+            return Err(ProxyError::ManifestTooLarge {
+                limit: MAX_MANIFEST_BYTES,
+            });
         }
+        if needed > buf.capacity() {
+            // Double, as a growing buffer would, within the limit.
+            let grow_to = needed.max(buf.capacity() * 2).min(MAX_MANIFEST_BYTES);
+            held = reserve(app, Some(held), grow_to).await?;
+            buf.reserve(grow_to - buf.len());
+        }
+        buf.extend_from_slice(data);
     }
-    let held = match held {
-        Some(h) => h,
-        // An empty body holds nothing.
-        None => app
-            .manifest_budget
-            .clone()
-            .try_acquire_many_owned(0)
-            .map_err(|_| ProxyError::Busy("the manifest budget is closed"))?,
-    };
     Ok((buf.freeze(), held))
+}
+
+/// Makes `held` cover `bytes` (in KiB permits), waiting at most
+/// [`BUDGET_WAIT`] for the budget; past that, 503.
+async fn reserve(
+    app: &App,
+    held: Option<OwnedSemaphorePermit>,
+    bytes: usize,
+) -> Result<OwnedSemaphorePermit, ProxyError> {
+    let want = bytes.div_ceil(1024);
+    let have = held.as_ref().map_or(0, |p| p.num_permits());
+    let more = want.saturating_sub(have) as u32;
+    let budget = app.manifest_budget.clone();
+    let got = match tokio::time::timeout(BUDGET_WAIT, budget.acquire_many_owned(more)).await {
+        Ok(Ok(p)) => p,
+        _ => return Err(ProxyError::Busy("too many manifest bytes are buffered")),
+    };
+    Ok(match held {
+        Some(mut h) => {
+            h.merge(got);
+            h
+        }
+        None => got,
+    })
 }

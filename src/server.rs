@@ -28,6 +28,9 @@ use crate::metrics::{method_label, RequestLabels};
 use crate::route::{self, Route};
 use crate::serve;
 
+/// Most bytes hyper reads ahead of a client connection's body.
+const CLIENT_READ_BUF: usize = 256 * 1024;
+
 /// Serves clients on `listener` until `shutdown` completes, then lets
 /// in-flight requests finish (bounded by a drain timeout).
 pub async fn run(
@@ -41,7 +44,10 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.timeouts.header_read)
         .keep_alive(true)
-        .max_buf_size(1024 * 1024);
+        // What one connection may hold of a request body archmerge has not
+        // taken yet (a manifest waiting for the buffer budget): bounded per
+        // connection, so stalled clients cannot pin memory past the budget.
+        .max_buf_size(CLIENT_READ_BUF);
     builder
         .http2()
         .timer(TokioTimer::new())
