@@ -20,20 +20,20 @@ use crate::upstream::{Auth, Upstream};
 /// Everything a request handler needs, shared by all connections.
 pub struct App {
     /// Validated settings.
-    pub config: Arc<Config>,
+    pub(crate) config: Arc<Config>,
     /// The pooled registry client.
-    pub upstream: Upstream,
+    pub(crate) upstream: Upstream,
     /// The merge engine: writes targets in write mode, synthesizes them in
     /// serve mode, and reads them for `inspect` and reconcile in both.
-    pub merger: Arc<Merger>,
+    pub(crate) merger: Arc<Merger>,
     /// Metric families.
-    pub metrics: Arc<Metrics>,
+    pub(crate) metrics: Arc<Metrics>,
     /// What the mode does with targets.
-    pub indexes: Indexes,
+    pub(crate) indexes: Indexes,
     /// The budget of buffered manifest bytes, in KiB permits: manifest
     /// bodies are read whole before the registry authenticates the client,
     /// so what all of them may pin together is bounded.
-    pub manifest_budget: Arc<tokio::sync::Semaphore>,
+    pub(crate) manifest_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl App {
@@ -66,6 +66,33 @@ impl App {
             metrics,
             indexes,
         }))
+    }
+}
+
+// === the operations `main.rs` runs ===
+
+impl App {
+    /// `archmerge reconcile`: builds or repairs the indexes of `repos` (the
+    /// whole catalog when empty) with archmerge's own credentials;
+    /// `progress` sees each finished target.
+    pub async fn reconcile(
+        &self,
+        repos: &[String],
+        progress: impl FnMut(&reconcile::Progress<'_>),
+    ) -> Result<reconcile::Summary, crate::upstream::UpstreamError> {
+        let auth = Auth::own(self.config.upstream_credentials.as_ref());
+        reconcile::run(&self.merger, repos, reconcile::Scope::All, &auth, progress).await
+    }
+
+    /// `archmerge inspect`: what `repo:tag` lists, with archmerge's own
+    /// credentials.
+    pub async fn inspect(
+        &self,
+        repo: &str,
+        tag: &str,
+    ) -> Result<crate::inspect::Report, crate::merge::MergeError> {
+        let auth = Auth::own(self.config.upstream_credentials.as_ref());
+        crate::inspect::report(&self.merger, self.indexes.synthesizes(), repo, tag, &auth).await
     }
 }
 

@@ -12,7 +12,6 @@ use archmerge::admin;
 use archmerge::app::App;
 use archmerge::config::{Config, LogFormat, Settings};
 use archmerge::server;
-use archmerge::upstream::Auth;
 
 /// Exit status for a configuration error (EX_CONFIG from sysexits.h is 78;
 /// linkerd and friends use EX_USAGE, 64, for bad settings).
@@ -108,21 +107,20 @@ fn init_tracing(format: LogFormat, quiet: bool) {
 
 #[tokio::main]
 async fn reconcile(config: Config, repos: Vec<String>, json: bool) -> anyhow::Result<ExitCode> {
-    let auth = Auth::own(config.upstream_credentials.as_ref());
     let app = App::new(config).context("setting up the registry client")?;
     let tty = std::io::stderr().is_terminal();
-    let scope = archmerge::reconcile::Scope::All;
-    let summary = archmerge::reconcile::run(&app.merger, &repos, scope, &auth, |p| {
-        if tty {
-            let result = match &p.result {
-                Ok(o) => o.label().to_owned(),
-                Err(e) => format!("FAILED: {e}"),
-            };
-            eprintln!("[{}/{}] {}:{}  {}", p.done, p.of, p.repo, p.target, result);
-        }
-    })
-    .await
-    .context("listing the registry")?;
+    let summary = app
+        .reconcile(&repos, |p| {
+            if tty {
+                let result = match &p.result {
+                    Ok(o) => o.label().to_owned(),
+                    Err(e) => format!("FAILED: {e}"),
+                };
+                eprintln!("[{}/{}] {}:{}  {}", p.done, p.of, p.repo, p.target, result);
+            }
+        })
+        .await
+        .context("listing the registry")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
@@ -153,10 +151,8 @@ async fn inspect(config: Config, reference: &str, json: bool) -> anyhow::Result<
     else {
         anyhow::bail!("{reference:?} is not REPO:TAG");
     };
-    let auth = Auth::own(config.upstream_credentials.as_ref());
     let app = App::new(config).context("setting up the registry client")?;
-    let synthesizes = app.indexes.synthesizes();
-    let report = archmerge::inspect::report(&app.merger, synthesizes, repo, tag, &auth).await?;
+    let report = app.inspect(repo, tag).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
