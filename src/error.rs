@@ -26,8 +26,6 @@ pub enum Fault {
     /// archmerge is at one of its own bounds under load (503 with
     /// `Retry-After`).
     Overload,
-    /// A bug or resource problem inside archmerge (500).
-    Internal,
 }
 
 /// An error that ends a request with an answer made by archmerge.
@@ -61,9 +59,6 @@ pub enum ProxyError {
     /// The registry did not start answering in time.
     #[error("the registry did not answer within {0:?}")]
     UpstreamTimeout(Duration),
-    /// Something archmerge itself got wrong.
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 impl ProxyError {
@@ -77,7 +72,6 @@ impl ProxyError {
             | ProxyError::ClientStalled(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
             ProxyError::Busy(_) => Fault::Overload,
-            ProxyError::Internal(_) => Fault::Internal,
         }
     }
 
@@ -92,7 +86,6 @@ impl ProxyError {
             ProxyError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamUnreachable(_) => StatusCode::BAD_GATEWAY,
             ProxyError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -103,9 +96,9 @@ impl ProxyError {
             ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
             ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) => ErrorCode::ManifestInvalid,
             ProxyError::ClientStalled(_) | ProxyError::Busy(_) => ErrorCode::TooManyRequests,
-            ProxyError::UpstreamUnreachable(_)
-            | ProxyError::UpstreamTimeout(_)
-            | ProxyError::Internal(_) => ErrorCode::Unavailable,
+            ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => {
+                ErrorCode::Unavailable
+            }
         }
     }
 
@@ -119,9 +112,6 @@ impl ProxyError {
                 tracing::warn!(%method, route, status, error = %self, "upstream failed")
             }
             Fault::Overload => tracing::warn!(%method, route, status, error = %self, "refused"),
-            Fault::Internal => {
-                tracing::error!(%method, route, status, error = %self, "internal error")
-            }
         }
         let mut resp = error_response(self.status(), self.code(), &self.to_string());
         if let ProxyError::Busy(_) = self {

@@ -157,13 +157,9 @@ impl Queue {
     }
 
     /// Targets waiting now.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.pending.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Whether nothing waits.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// One worker: takes a target (and the pushes it must wait for) and

@@ -28,10 +28,10 @@ use crate::platform::{Platform, PlatformKey};
 mod decide;
 mod read;
 
-pub use decide::{entry_platform, Mismatch, PlatformSource};
+pub use decide::{entry_platform, PlatformSource};
 pub use read::{
     flatten, index_entries, parse_config_platform, parse_manifest, read_target_index,
-    ConfigPlatform, ImageManifestInfo, Manifest, TargetState,
+    ConfigPlatform, Manifest, TargetState,
 };
 
 /// OCI image index media type.

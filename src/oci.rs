@@ -31,10 +31,6 @@ pub enum ErrorCode {
     ManifestUnknown,
     /// Content is larger than archmerge accepts.
     SizeInvalid,
-    /// Authentication required.
-    Unauthorized,
-    /// The operation is not supported.
-    Unsupported,
     /// The registry is unreachable or failed.
     Unavailable,
     /// Client sent too many requests or too slowly.
@@ -173,12 +169,6 @@ pub fn is_valid_digest(digest: &str) -> bool {
             .bytes()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'=' | b'_' | b'-')),
     }
-}
-
-/// Whether a manifest reference looks like a digest (has an algorithm
-/// separator); a tag never contains `:`.
-pub fn looks_like_digest(reference: &str) -> bool {
-    reference.contains(':')
 }
 
 #[cfg(test)]

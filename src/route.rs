@@ -17,15 +17,6 @@ pub enum Reference {
     Digest(String),
 }
 
-impl Reference {
-    /// The reference as it appears in the path.
-    pub fn as_str(&self) -> &str {
-        match self {
-            Reference::Tag(s) | Reference::Digest(s) => s,
-        }
-    }
-}
-
 /// A parsed request path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {

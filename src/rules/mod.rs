@@ -15,6 +15,6 @@ pub mod repository;
 pub mod tags;
 pub mod write;
 
-pub use repository::{arch_key, Glob, RepoPattern, RepoPatternError, Rule, RuleSet, WriteWith};
-pub use tags::{AliasTable, ArchTag, Pattern, RuleError, TagRules};
+pub use repository::{arch_key, Glob, RepoPattern, Rule, RuleSet, WriteWith};
+pub use tags::{AliasTable, ArchTag, Pattern, TagRules};
 pub use write::{How, Role, Touch, Write};
