@@ -231,11 +231,7 @@ mod tests {
     }
 
     fn target(repo: &str, target: &str, how: How) -> Touch {
-        Touch::Target {
-            repo: repo.into(),
-            target: target.into(),
-            how,
-        }
+        Touch::target(repo, target, how)
     }
 
     #[test]

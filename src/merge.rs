@@ -356,7 +356,19 @@ impl Merger {
         let arch = tags
             .into_iter()
             .filter(|t| matches!(rule.role(repo, t), Role::Arch { .. }));
-        let heads = arch.map(|tag| async move {
+        self.tags_at(repo, digest, arch, auth).await
+    }
+
+    /// Which of `tags` point at `digest` (HEADs, bounded, each tried again
+    /// after a registry 5xx; any other failure fails the answer).
+    async fn tags_at(
+        &self,
+        repo: &str,
+        digest: &str,
+        tags: impl Iterator<Item = String>,
+        auth: &Auth,
+    ) -> Result<Vec<String>, MergeError> {
+        let heads = tags.map(|tag| async move {
             let d = self.head_with_retry(repo, &tag, auth).await?;
             Ok::<_, UpstreamError>((tag, d))
         });
@@ -598,16 +610,7 @@ impl Merger {
         let candidates = tags
             .into_iter()
             .filter(|t| t != target && !rule.is_arch_tag(t) && !rule.extra_targets.contains(t));
-        let heads = candidates.map(|t| async move {
-            let d = self.head_with_retry(repo, &t, auth).await?;
-            Ok::<_, UpstreamError>((t, d))
-        });
-        Ok(bounded::try_all(heads)
-            .await?
-            .into_iter()
-            .filter(|(_, d)| d.as_deref() == Some(digest))
-            .map(|(t, _)| t)
-            .collect())
+        self.tags_at(repo, digest, candidates, auth).await
     }
 
     /// What the registry's state calls for at `target`: what each arch

@@ -77,6 +77,18 @@ pub enum Touch {
     },
 }
 
+impl Touch {
+    /// `repo:target`, touched `how` (for tests that spell touches out).
+    #[cfg(test)]
+    pub fn target(repo: &str, target: &str, how: How) -> Touch {
+        Touch::Target {
+            repo: repo.into(),
+            target: target.into(),
+            how,
+        }
+    }
+}
+
 impl Rule {
     /// What `tag` of `repo` is to the merge: an arch tag of this rule's tag
     /// patterns, or of a repository pattern (then of the target
@@ -152,11 +164,7 @@ mod tests {
     }
 
     fn target(repo: &str, target: &str, how: How) -> Touch {
-        Touch::Target {
-            repo: repo.into(),
-            target: target.into(),
-            how,
-        }
+        Touch::target(repo, target, how)
     }
 
     #[test]
