@@ -522,6 +522,47 @@ async fn a_plain_image_pushed_at_the_target_keeps_its_platform_beside_the_arch_t
 }
 
 #[tokio::test]
+async fn an_artifact_pushed_at_the_target_is_its_base_but_never_an_entry() {
+    let s = Stack::new();
+    let amd = s.push(&s.via("app:x86_64_v7"), &AMD64, 131);
+    // Someone pushes an SBOM artifact with oras straight at the target tag.
+    let sbom = Oras::new().push_artifact(
+        &s.via("app:v7"),
+        SBOM_TYPE,
+        &[(
+            "sbom.json",
+            "application/spdx+json",
+            r#"{"spdxVersion":"SPDX-2.3"}"#,
+        )],
+    );
+    assert_eq!(sbom.status, 201, "oras push of app:v7");
+
+    // The target lists the arch tag's image only; the artifact is recorded
+    // as what the index amended (so it comes back when the arch tag goes),
+    // and keeps a tag of its own.
+    let index = s.index("app", "v7").await;
+    let json = index.json();
+    assert_eq!(
+        index.entries(),
+        set([("linux/amd64", &amd)]),
+        "app:v7 after an artifact {} was pushed at it: {}",
+        sbom.digest,
+        index.text()
+    );
+    assert_eq!(
+        index_annotation(&json, ANN_BASE).as_deref(),
+        Some(sbom.digest.as_str()),
+        "{json}"
+    );
+    let keep = format!(
+        "archmerge.keep.{}",
+        sbom.digest.trim_start_matches("sha256:")
+    );
+    let kept = s.stored("app", &keep).await.expect(200);
+    assert_eq!(kept.digest_header().as_deref(), Some(sbom.digest.as_str()));
+}
+
+#[tokio::test]
 async fn a_plain_image_pushed_at_the_target_loses_its_platform_to_the_arch_tag() {
     let s = Stack::new();
     let amd = s.push(&s.via("app:x86_64_v6"), &AMD64, 121);

@@ -93,6 +93,15 @@ impl Merger {
                     },
                 })
             }
+            // Something other than an image at the target (a chart, an
+            // artifact): no entry of the index, only its base, to restore.
+            Manifest::Image(info) if !info.is_image() => Ok(Current {
+                ours: false,
+                base: Some(current.digest.clone()),
+                amended: Vec::new(),
+                entries: Vec::new(),
+                manifest: current,
+            }),
             Manifest::Image(info) => {
                 let config = self
                     .config_platform(repo, &info.config_digest, auth)
