@@ -279,8 +279,8 @@ impl Merger {
             }
             Err(e) => {
                 self.metrics.merge("failed");
-                tracing::warn!(repo, reference = target, error = %e, "merge failed; retrying in the background");
-                self.spawn_retry(repo, target, u.auth);
+                tracing::warn!(repo, reference = target, error = %e, "merge failed");
+                self.spawn_retry(repo, target, u.auth, &e);
                 Err(e)
             }
         }

@@ -765,6 +765,64 @@ async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets()
     );
 }
 
+#[tokio::test]
+async fn without_the_opt_in_archmerges_own_credentials_never_write_what_the_client_could_not() {
+    // archmerge has its own credentials (for reconcile, the webhook and
+    // retries), but the rule does not say `write_with = "archmerge"`: a
+    // merge the registry refused for the client's token is not retried
+    // with archmerge's own, so the target is never written for that client.
+    let issuer = std::sync::Arc::new(TokenIssuer::new());
+    let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-53", 300).await;
+    let registry = spawn_registry_with(RegistryOpts {
+        env: issuer.registry_env_with_realm(&realm.url()),
+        ..RegistryOpts::default()
+    });
+    let proxy = spawn_archmerge_with(
+        &registry.url(),
+        ArchmergeOpts {
+            config_toml: Some(
+                "[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{repo}-{arch}\"]\n"
+                    .to_owned(),
+            ),
+            env: vec![
+                ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
+                ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-53".into()),
+            ],
+            ..ArchmergeOpts::default()
+        },
+    );
+    let amd64_job = http_bearer(&issuer.token(&[("wg/app-amd64", &["pull", "push"])]));
+    let (_, status, headers, body) = push_for_answer(
+        &amd64_job,
+        &proxy.url(),
+        "wg/app-amd64",
+        "v1",
+        &AMD64.image(95),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(warnings(&headers).len(), 1, "the refused merge is said");
+    // Background retries start after a second: give them three.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let reader = http_bearer(&issuer.token(&[("wg/app", &["pull"])]));
+    get_any_manifest(&reader, &registry.url(), "wg/app", "v1")
+        .await
+        .expect(404);
+    assert!(
+        !realm
+            .asked()
+            .iter()
+            .any(|s| s.contains("repository:wg/app:") && s.contains("push")),
+        "archmerge asked for push on wg/app with its own identity: {:?}",
+        realm.asked()
+    );
+    let log = proxy.log_text();
+    assert!(
+        log.contains("not retried"),
+        "the refusal must be logged:\n{log}"
+    );
+}
+
 // === 9. check-config ===
 
 /// `archmerge check-config --config <file holding text>`.

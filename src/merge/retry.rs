@@ -7,7 +7,9 @@
 //! archmerge's own credentials (`upstream_auth`) when they are configured,
 //! and the client's otherwise; when those are refused, the retries stop
 //! with a log line that says so and `archmerge_merges_total{outcome=
-//! "abandoned_credentials"}`.
+//! "abandoned_credentials"}`. A merge whose first try the registry refused
+//! for its credentials is not retried at all (`outcome="refused"`): a retry
+//! with archmerge's own would write what the client could not.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +25,23 @@ const RETRY_FOR: Duration = Duration::from_secs(30 * 60);
 impl Merger {
     /// Keeps retrying a failed target in the background, with backoff, until
     /// it converges or the retry window closes. One loop per target.
-    pub(super) fn spawn_retry(self: &Arc<Self>, repo: &str, target: &str, auth: &Auth) {
+    ///
+    /// A merge the registry refused for the credentials it carried is not
+    /// retried with others: archmerge never writes what the pushing client
+    /// could not, unless the rule says `write_with = "archmerge"` (then it
+    /// already carried archmerge's own).
+    pub(super) fn spawn_retry(
+        self: &Arc<Self>,
+        repo: &str,
+        target: &str,
+        auth: &Auth,
+        error: &MergeError,
+    ) {
+        if matches!(error, MergeError::Upstream(e) if e.is_auth()) {
+            self.metrics.merge("refused");
+            tracing::error!(repo, reference = target, error = %error, "the registry refused this merge the credentials it carried; not retried (see write_with in the rules)");
+            return;
+        }
         let key = (repo.to_owned(), target.to_owned());
         if self.retrying.insert(key.clone(), ()).is_some() {
             return;
