@@ -197,6 +197,9 @@ pub struct Merger {
     last_snapshots: moka::sync::Cache<TargetKey, Arc<Snapshot>>,
     /// Tag listings in flight, shared by concurrent snapshots.
     listings: listing::Listings,
+    /// Repositories whose listing was too large to ask for on every
+    /// snapshot (a hint: HEADing candidates is exact at any size).
+    large_repositories: moka::sync::Cache<String, ()>,
     /// archmerge's own credentials (`upstream_auth`), when configured:
     /// background retries use them, since a client's token expires.
     own: Option<Auth>,
@@ -229,6 +232,7 @@ impl Merger {
                 .max_capacity(LAST_SNAPSHOT_CHILDREN)
                 .build(),
             listings: listing::Listings::default(),
+            large_repositories: moka::sync::Cache::new(10_000),
             own: own_credentials.map(|c| Auth::own(Some(c))),
         }
     }

@@ -968,3 +968,57 @@ fn the_access_log_reader_counts_combined_log_lines_only() {
     }
     assert_eq!(registry.requests_settled() - before, 3);
 }
+
+// === 6. an arch push costs what it costs, whatever the repository's size ===
+
+#[tokio::test]
+async fn in_a_repository_of_2000_unrelated_tags_arch_pushes_stop_listing_it_and_miss_nothing() {
+    // Guards: a push's work does not grow with the repository (§9). Once a
+    // repository's listing has shown it large, a target's arch tags are
+    // HEADed by name (every tag a pattern makes of an alias and the target)
+    // instead of listing thousands of tags on every push — and what exists
+    // of those is exactly what a listing would show, arch tags pushed
+    // straight at the registry included.
+    let registry = spawn_registry();
+    let reg = registry.url();
+    let repo = "big/app";
+    let c = http();
+    let plain = push_image(&c, &reg, repo, "build-0", &arch("x86_64").image(7000)).await;
+    let tags = (1..2000).map(|t| format!("build-{t}")).collect();
+    tag_many(&reg, repo, &plain.manifest, tags, 8).await;
+    let proxy = spawn_archmerge(&reg);
+    let via = proxy.url();
+
+    // The first push lists the repository once and learns its size.
+    let amd = push_image(&c, &via, repo, "x86_64_v1", &arch("x86_64").image(7001)).await;
+    // An arch tag pushed straight at the registry, which archmerge never saw.
+    let arm = push_image(&c, &reg, repo, "aarch64_v1", &arch("aarch64").image(7002)).await;
+
+    let before = registry.requests_settled();
+    let s390x = push_image(&c, &via, repo, "s390x_v1", &arch("s390x").image(7003)).await;
+    let seen: Vec<Access> = registry.access_log().into_iter().skip(before).collect();
+    let listings = seen
+        .iter()
+        .filter(|a| a.path.starts_with(&format!("/v2/{repo}/tags/list")))
+        .count();
+    assert_eq!(
+        listings,
+        0,
+        "an arch push listed the 2,000-tag repository again: {}",
+        registry.access_summary(before)
+    );
+    // Bounded by the candidates of one target, not by the repository.
+    assert!(
+        seen.len() <= 200,
+        "one arch push cost the registry {} requests: {}",
+        seen.len(),
+        registry.access_summary(before)
+    );
+    let want: Entries = [
+        ("linux/amd64".to_owned(), amd.digest.clone()),
+        ("linux/arm64/v8".to_owned(), arm.digest.clone()),
+        ("linux/s390x".to_owned(), s390x.digest.clone()),
+    ]
+    .into();
+    assert_eq!(stored_entries(&reg, repo, "v1").await, Ok(want));
+}

@@ -12,6 +12,10 @@ use crate::bounded;
 use crate::rules::ArchTag;
 use crate::upstream::{Auth, FetchedManifest, UpstreamError};
 
+/// Tags past which a repository's listing is not asked for again: its
+/// targets' arch tags are HEADed by name instead.
+const LARGE_REPOSITORY: usize = 1_000;
+
 /// A manifest the registry has just accepted at a tag.
 #[derive(Clone, Copy, Debug)]
 pub struct Pushed<'a> {
@@ -72,41 +76,69 @@ impl Merger {
                         (source, arch, found)
                     }
                 });
-        // The arch tags of this repository the target had last time.
-        let early: Vec<&str> = expected
-            .iter()
-            .flat_map(|s| s.values())
-            .filter(|c| c.repo == repo && known(repo, &c.arch.tag).is_none())
-            .map(|c| c.arch.tag.as_str())
-            .collect();
-        let early = early
-            .into_iter()
-            .map(|tag| async move { (tag.to_owned(), self.head(repo, repo, tag, auth).await) });
-        let (tags, early, patterned) = tokio::join!(
-            self.listings.tags(&self.upstream, repo, auth, began),
-            bounded::all(early),
-            bounded::all(patterned),
-        );
-        let tags = tags?;
+        // In a large repository (its last listing had more than
+        // LARGE_REPOSITORY tags) the listing costs the registry more than
+        // asking for each tag the target could have: those are HEADed
+        // instead, and what exists of them is exactly what the listing would
+        // show (`Rule::candidates`).
+        let candidates = self
+            .large_repositories
+            .contains_key(repo)
+            .then(|| rule.candidates(target));
+        // The arch tags of this repository the target had last time (or
+        // could have), HEADed while the tags are listed.
+        let early: Vec<String> = match &candidates {
+            Some(c) => c
+                .iter()
+                .filter(|a| known(repo, &a.tag).is_none())
+                .map(|a| a.tag.clone())
+                .collect(),
+            None => expected
+                .iter()
+                .flat_map(|s| s.values())
+                .filter(|c| c.repo == repo && known(repo, &c.arch.tag).is_none())
+                .map(|c| c.arch.tag.clone())
+                .collect(),
+        };
+        let early = early.into_iter().map(|tag| async move {
+            let found = self.head(repo, repo, &tag, auth).await;
+            (tag, found)
+        });
+        let listing = async {
+            match candidates {
+                Some(c) => Ok(c),
+                None => {
+                    let tags = self
+                        .listings
+                        .tags(&self.upstream, repo, auth, began)
+                        .await?;
+                    if tags.len() > LARGE_REPOSITORY {
+                        self.large_repositories.insert(repo.to_owned(), ());
+                    }
+                    Ok::<_, MergeError>(
+                        rule.arch_tags_for_target(tags.iter().map(String::as_str), target),
+                    )
+                }
+            }
+        };
+        let (arch_tags, early, patterned) =
+            tokio::join!(listing, bounded::all(early), bounded::all(patterned),);
         let mut early: HashMap<String, Found> = early.into_iter().collect();
 
         // Every arch tag the listing shows: its digest from the push, from
         // the early HEAD, or from a HEAD now (an arch tag not expected).
-        let local = rule
-            .arch_tags_for_target(tags.iter().map(String::as_str), target)
-            .into_iter()
-            .map(|arch| {
-                let found = early.remove(&arch.tag);
-                let pushed = known(repo, &arch.tag);
-                async move {
-                    let found = match (pushed, found) {
-                        (Some(d), _) => Ok(Some(Some(d))),
-                        (None, Some(found)) => found,
-                        (None, None) => self.head(repo, repo, &arch.tag, auth).await,
-                    };
-                    (repo.to_owned(), arch, found)
-                }
-            });
+        let local = arch_tags?.into_iter().map(|arch| {
+            let found = early.remove(&arch.tag);
+            let pushed = known(repo, &arch.tag);
+            async move {
+                let found = match (pushed, found) {
+                    (Some(d), _) => Ok(Some(Some(d))),
+                    (None, Some(found)) => found,
+                    (None, None) => self.head(repo, repo, &arch.tag, auth).await,
+                };
+                (repo.to_owned(), arch, found)
+            }
+        });
         let local = bounded::all(local).await;
 
         let mut snapshot = Snapshot::new();

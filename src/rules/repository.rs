@@ -182,6 +182,14 @@ impl Rule {
         v
     }
 
+    /// Every tag that would be an arch tag of `target` here (tag patterns
+    /// and allow-list), sorted by name.
+    pub fn candidates(&self, target: &str) -> Vec<ArchTag> {
+        let mut v = self.tags.candidates(target);
+        v.retain(|a| self.allows(&a.platform));
+        v
+    }
+
     /// For a pushed repository that a repository pattern matches: the
     /// target repository, and the arch of the push (as an [`ArchTag`] whose
     /// `tag` is `"<pushed repo>:<tag>"` and whose `target` is `tag`).

@@ -279,6 +279,24 @@ impl Pattern {
         &self.source
     }
 
+    /// The tag this pattern makes of `alias` and `target`: `None` for a
+    /// pattern without `{tag}` unless `target` is `latest`.
+    pub fn render(&self, alias: &str, target: &str) -> Option<String> {
+        if !self.has_tag() && target != DEFAULT_TARGET {
+            return None;
+        }
+        Some(
+            self.segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Literal(l) => l.as_str(),
+                    Segment::Arch => alias,
+                    Segment::Tag => target,
+                })
+                .collect(),
+        )
+    }
+
     /// Whether the pattern has `{tag}` (otherwise its target is `latest`).
     pub fn has_tag(&self) -> bool {
         self.segments.contains(&Segment::Tag)
@@ -395,6 +413,28 @@ impl TagRules {
             .into_iter()
             .filter(|t| any || t.contains(target))
             .filter_map(|t| self.match_tag(t))
+            .filter(|m| m.target == target)
+            .collect();
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        out.dedup_by(|a, b| a.tag == b.tag);
+        out
+    }
+
+    /// Every tag that would be an arch tag of `target`, sorted by tag name:
+    /// the patterns rendered with each alias, kept where they match back to
+    /// `target` (`x86_64_v1` is arch `x86_64` of `v1`, never `x86` of
+    /// `64_v1`). What a listing would show of `target`'s arch tags is
+    /// exactly those of these that exist, whatever the repository's size.
+    pub fn candidates(&self, target: &str) -> Vec<ArchTag> {
+        let mut out: Vec<ArchTag> = self
+            .aliases
+            .iter()
+            .flat_map(|(alias, _)| {
+                self.patterns
+                    .iter()
+                    .filter_map(move |p| p.render(alias, target))
+            })
+            .filter_map(|tag| self.match_tag(&tag))
             .filter(|m| m.target == target)
             .collect();
         out.sort_by(|a, b| a.tag.cmp(&b.tag));

@@ -237,4 +237,39 @@ proptest! {
             prop_assert_eq!(m.tag, tag);
         }
     }
+
+    #[test]
+    fn the_candidates_of_a_target_are_exactly_what_a_listing_would_show(
+        target in prop::sample::select(vec!["v1", "latest", "64_v1", "1.0", "v1_2", "x86"]),
+        picked in prop::collection::vec(any::<prop::sample::Index>(), 0..12),
+        noise in prop::collection::vec("[A-Za-z0-9_.-]{1,16}", 0..12),
+        patterns in prop::sample::select(vec![
+            vec!["{arch}_{tag}", "{arch}"],
+            vec!["{tag}-{arch}"],
+            vec!["{arch}-{tag}", "{arch}"],
+        ]),
+    ) {
+        let r = rules(&patterns);
+        let candidates = r.candidates(target);
+        // A repository holding some of the candidates, and other tags
+        // (some of them arch tags of other targets).
+        let mut tags: Vec<String> = picked
+            .iter()
+            .filter(|_| !candidates.is_empty())
+            .map(|i| i.get(&candidates).tag.clone())
+            .collect();
+        tags.extend(noise);
+        tags.push(format!("x86_64_{target}x"));
+        let listed: Vec<String> = r
+            .arch_tags_for_target(tags.iter().map(String::as_str), target)
+            .into_iter()
+            .map(|m| m.tag)
+            .collect();
+        let present: Vec<String> = candidates
+            .iter()
+            .filter(|c| tags.contains(&c.tag))
+            .map(|c| c.tag.clone())
+            .collect();
+        prop_assert_eq!(listed, present);
+    }
 }
