@@ -79,7 +79,11 @@ pub fn parse(body: &[u8], rules: &RuleSet) -> Result<Work, serde_json::Error> {
         let write = match (e.action.as_str(), tag) {
             ("push", Some(tag)) if manifest => Write::Put(tag),
             ("delete", Some(tag)) => Write::Deleted(std::slice::from_ref(tag)),
-            ("delete", None) => Write::DeletedUnknown,
+            // A delete by digest: distribution sends one more event per tag
+            // the delete took, which says exactly what it touched; this one
+            // says nothing more, and repairing every target of the
+            // repository for it would cost the registry a read of every tag.
+            ("delete", None) => continue,
             _ => continue,
         };
         let pushed = match write {
@@ -242,6 +246,7 @@ mod tests {
           {"action":"push","target":{"mediaType":"application/octet-stream","repository":"app","digest":"sha256:2"}},
           {"action":"pull","target":{"mediaType":"application/vnd.docker.distribution.manifest.v2+json","repository":"app","tag":"x86_64"}},
           {"action":"delete","target":{"repository":"other","digest":"sha256:3"}},
+          {"action":"delete","target":{"repository":"other","tag":"x86_64_v9"}},
           {"action":"push","target":{"mediaType":"application/vnd.oci.image.manifest.v1+json","repository":"BAD","tag":"x86_64"}}
         ]}"#;
         let work = parse(body, &rules()).unwrap();
@@ -252,9 +257,9 @@ mod tests {
                 // The arch push, and the push at the target itself (a new base).
                 target("app", "v1", How::ArchChanged),
                 target("app", "v1", How::NewBase),
-                Touch::ExistingTargets {
-                    repo: "other".into()
-                },
+                // The delete by digest says which tags it took in events of
+                // their own.
+                target("other", "v9", How::ArchChanged),
             ]
         );
         // Only the arch push named a digest: its rebuild awaits its tag.
