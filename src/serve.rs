@@ -54,11 +54,18 @@ struct Aggregate {
 struct Searched {
     by_digest: Arc<HashMap<String, Arc<Served>>>,
     loaded_from: Instant,
+    /// How long the search took.
+    took: Duration,
 }
 
 /// A cached value whose freshness counts from the start of its load.
 trait LoadedFrom {
     fn loaded_from(&self) -> Instant;
+
+    /// How long it stays fresh, given the staleness bound.
+    fn fresh_for(&self, staleness: Duration) -> Duration {
+        staleness
+    }
 }
 
 impl LoadedFrom for Aggregate {
@@ -67,9 +74,19 @@ impl LoadedFrom for Aggregate {
     }
 }
 
+/// A repository search is kept at least eight times as long as it took, so
+/// searching stays a small share of what a stream of unknown digests costs
+/// the registry however slow it runs (at most one search in every nine
+/// search-lengths); at the staleness bound while searches are quick.
+const SEARCH_SHARE: u32 = 8;
+
 impl LoadedFrom for Searched {
     fn loaded_from(&self) -> Instant {
         self.loaded_from
+    }
+
+    fn fresh_for(&self, staleness: Duration) -> Duration {
+        staleness.max(self.took * SEARCH_SHARE)
     }
 }
 
@@ -80,7 +97,7 @@ struct FromLoadStart {
 
 impl<K, V: LoadedFrom> Expiry<K, V> for FromLoadStart {
     fn expire_after_create(&self, _key: &K, value: &V, created_at: Instant) -> Option<Duration> {
-        let deadline = value.loaded_from() + self.staleness;
+        let deadline = value.loaded_from() + value.fresh_for(self.staleness);
         Some(deadline.saturating_duration_since(created_at))
     }
 }
@@ -268,6 +285,7 @@ impl Aggregates {
         Ok(Searched {
             by_digest: Arc::new(by_digest),
             loaded_from,
+            took: loaded_from.elapsed(),
         })
     }
 }
