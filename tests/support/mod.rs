@@ -28,6 +28,9 @@
 //! - `certs` — a test CA and a server certificate for 127.0.0.1 (rcgen).
 //! - `token` — registry token auth: a throwaway token service whose tokens
 //!   carry exactly the repository scopes a test grants.
+//! - [`Stack`] — one registry with one archmerge in front of it, the
+//!   helpers several test files share; each file adds its own in an
+//!   `impl Stack` block.
 //! - `faults` — a registry started again on its port and storage, raw
 //!   HTTP/1.1 over a socket, a client trickling bytes (slowloris).
 //!
@@ -46,6 +49,7 @@ mod image;
 mod manifest;
 mod observe;
 mod ops;
+mod stack;
 mod token;
 mod tools;
 
@@ -69,6 +73,8 @@ pub use manifest::*;
 pub use observe::*;
 #[allow(unused_imports)]
 pub use ops::*;
+#[allow(unused_imports)]
+pub use stack::*;
 #[allow(unused_imports)]
 pub use token::*;
 #[allow(unused_imports)]
