@@ -336,22 +336,3 @@ async fn only_a_push_with_credentials_merges_and_the_challenge_passes_through(
     }
     assert_no_credentials_in(&strip_ansi(&s.proxy.log_text()), "archmerge");
 }
-
-/// `text` without ANSI escape sequences (archmerge colours its log even in
-/// a file, and a colour code could split a secret).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}

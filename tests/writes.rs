@@ -273,25 +273,6 @@ fn index_annotation(json: &Value, key: &str) -> Option<String> {
     json["annotations"][key].as_str().map(str::to_owned)
 }
 
-/// Polls `check` every 100 ms until it returns true or `limit` passes;
-/// returns whether it did.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Checks every 100 ms for `period` that `repo:tag` in the registry still
 /// holds exactly `bytes`; panics at the first change.
 async fn stays_unchanged(s: &Stack, repo: &str, tag: &str, bytes: &[u8], period: Duration) {
