@@ -13,7 +13,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{log_file, read_log, wait_for, Registry, REGISTRY_BIN};
+use super::process::{log_file, read_log, wait_for};
+use super::registry::REGISTRY_BIN;
+use super::Registry;
 
 // === a registry that comes back ===
 
