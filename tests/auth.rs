@@ -34,35 +34,17 @@ fn wrong() -> Creds {
     ci().with_password("guessed-password-0000")
 }
 
-/// An htpasswd registry with archmerge in front of it.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-    mode: &'static str,
-    /// The registry reads it at start; kept for the registry's lifetime.
-    _htpasswd: Htpasswd,
-}
-
 impl Stack {
-    fn new(mode: &'static str) -> Stack {
+    /// An htpasswd registry that knows only [`ci`], with archmerge in
+    /// `mode` in front of it.
+    fn htpasswd(mode: &str) -> Stack {
         let htpasswd = Htpasswd::new(&[&ci()]);
-        let registry = spawn_registry_with(RegistryOpts {
+        let registry = RegistryOpts {
             htpasswd: Some(htpasswd.path()),
             ..RegistryOpts::default()
-        });
-        let proxy = spawn_archmerge_with(&registry.url(), opts(mode));
-        Stack {
-            proxy,
-            registry,
-            mode,
-            _htpasswd: htpasswd,
-        }
-    }
-
-    /// Another archmerge in front of the same registry, same mode.
-    fn replica(&self) -> Archmerge {
-        spawn_archmerge_with(&self.registry.url(), opts(self.mode))
+        };
+        // The registry reads the file at start; kept for its lifetime.
+        Stack::with_registry(registry, opts(mode)).keeping(htpasswd)
     }
 }
 
@@ -150,7 +132,7 @@ fn assert_no_credentials_in(log: &str, what: &str) {
 async fn anonymous_and_wrong_password_clients_get_401_and_neither_index_nor_digest(
     #[case] mode: &'static str,
 ) {
-    let s = Stack::new(mode);
+    let s = Stack::htpasswd(mode);
     let repo = "private/app";
     let mut want = BTreeSet::new();
     want.insert(push_as_ci(&s.proxy.url(), repo, "v1", "x86_64", 1).await);
@@ -192,7 +174,7 @@ async fn anonymous_and_wrong_password_clients_get_401_and_neither_index_nor_dige
     // Nobody else learns anything: not the bytes, not the digest, not even
     // which children it lists; on the replica that just served it (warm
     // caches) and on one that never did.
-    let fresh = s.replica();
+    let fresh = s.replica(opts(mode));
     let mut secrets: Vec<&str> = vec![digest.as_str()];
     secrets.extend(want.iter().map(|(_, d)| d.as_str()));
     let anonymous = http_as(None);
@@ -230,7 +212,7 @@ async fn content_negotiation_does_not_answer_before_the_registry_authorizes(
     // an OCI index" — which says that there is an index, and what kind. The
     // registry refuses an unauthenticated client before it looks at Accept;
     // so must archmerge.
-    let s = Stack::new(mode);
+    let s = Stack::htpasswd(mode);
     let repo = "private/negotiate";
     let (_, child) = push_as_ci(&s.proxy.url(), repo, "v2", "x86_64", 3).await;
     let owner = http_as(Some(&ci()));
@@ -265,7 +247,7 @@ async fn content_negotiation_does_not_answer_before_the_registry_authorizes(
 async fn only_a_push_with_credentials_merges_and_the_challenge_passes_through(
     #[case] mode: &'static str,
 ) {
-    let s = Stack::new(mode);
+    let s = Stack::htpasswd(mode);
     let repo = "private/push";
     let owner = http_as(Some(&ci()));
 
@@ -353,23 +335,4 @@ async fn only_a_push_with_credentials_merges_and_the_challenge_passes_through(
         _ => assert_eq!(tags, ["x86_64_v3"]),
     }
     assert_no_credentials_in(&strip_ansi(&s.proxy.log_text()), "archmerge");
-}
-
-/// `text` without ANSI escape sequences (archmerge colours its log even in
-/// a file, and a colour code could split a secret).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }

@@ -41,21 +41,6 @@ fn engine_suite() -> bool {
     }
 }
 
-/// A registry with archmerge in front of it.
-struct Stack {
-    proxy: Archmerge,
-    _registry: Registry,
-}
-
-fn stack() -> Stack {
-    let registry = spawn_registry();
-    let proxy = spawn_archmerge(&registry.url());
-    Stack {
-        proxy,
-        _registry: registry,
-    }
-}
-
 /// Local image references and containers this test made; removed on drop
 /// so the engine's store ends as it started.
 #[derive(Default)]
@@ -143,7 +128,7 @@ fn docker_engine_push_of_a_plain_tag_then_pull_by_digest() {
     if !engine_suite() {
         return;
     }
-    let s = stack();
+    let s = Stack::new();
     let mut local = Local::default();
     let repo = format!("{}/engine/plain", s.proxy.host());
     let tag = format!("{repo}:v1");
@@ -170,7 +155,7 @@ fn docker_engine_pull_platform_gets_the_image_pushed_for_that_arch() {
     if !engine_suite() {
         return;
     }
-    let s = stack();
+    let s = Stack::new();
     let mut local = Local::default();
     let repo = format!("{}/engine/app", s.proxy.host());
     let run = nonce();

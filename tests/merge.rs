@@ -37,34 +37,7 @@ const ANN_REF_DIGEST: &str = "vnd.docker.reference.digest";
 
 // === the stack ===
 
-/// A registry with archmerge in front of it.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-}
-
 impl Stack {
-    fn new() -> Stack {
-        Stack::with(ArchmergeOpts::default())
-    }
-
-    fn with(opts: ArchmergeOpts) -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge_with(&registry.url(), opts);
-        Stack { proxy, registry }
-    }
-
-    /// `127.0.0.1:PROXY/<repo>:<tag>`, an image reference through archmerge.
-    fn via(&self, image: &str) -> String {
-        format!("{}/{image}", self.proxy.host())
-    }
-
-    /// `127.0.0.1:REGISTRY/<repo>:<tag>`, straight to the registry.
-    fn direct(&self, image: &str) -> String {
-        format!("{}/{image}", self.registry.host())
-    }
-
     /// The index at `repo:tag`, read through archmerge and straight from
     /// the registry; panics unless both serve the same bytes.
     async fn index(&self, repo: &str, tag: &str) -> Index {
@@ -80,23 +53,6 @@ impl Stack {
         stored
     }
 
-    /// How many manifest PUTs to `repo:reference` the registry answered 201,
-    /// from its access log.
-    fn manifest_puts(&self, repo: &str, reference: &str) -> usize {
-        let needle = format!("\"PUT /v2/{repo}/manifests/{reference} HTTP/1.1\" 201");
-        self.registry
-            .log_text()
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .count()
-    }
-
-    /// archmerge's log without terminal colours (it writes ANSI escapes
-    /// even to a file).
-    fn proxy_log(&self) -> String {
-        strip_ansi(&self.proxy.log_text())
-    }
-
     /// archmerge's `merge` log lines for `repo:target`, oldest first.
     fn merge_lines(&self, repo: &str, target: &str) -> Vec<String> {
         let (repo, target) = (
@@ -109,24 +65,6 @@ impl Stack {
             .map(str::to_owned)
             .collect()
     }
-}
-
-/// `text` without ANSI escape sequences (`ESC [ … letter`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 // === arches and images ===
@@ -678,7 +616,7 @@ async fn repush_replaces_its_entry_and_identical_repush_writes_nothing() {
     );
 
     // The same image pushed again: the index is not rewritten.
-    let puts = s.manifest_puts(repo, "v1");
+    let puts = s.manifest_put_count(repo, "v1");
     assert_eq!(puts, 3, "one index write per changing push");
     let again = push_small_image(&c, &via, repo, "x86_64_v1", "amd64", 302).await;
     assert_eq!(again.digest, new.digest);
@@ -686,7 +624,7 @@ async fn repush_replaces_its_entry_and_identical_repush_writes_nothing() {
     assert_eq!(unchanged.bytes, after.bytes);
     assert_eq!(unchanged.digest, after.digest);
     assert_eq!(
-        s.manifest_puts(repo, "v1"),
+        s.manifest_put_count(repo, "v1"),
         puts,
         "an identical re-push rewrote the index"
     );

@@ -109,25 +109,6 @@ async fn delete_straight(base: &str, repo: &str, digest: &str) {
     expect_status(res, 202).await;
 }
 
-/// Polls `check` every 100 ms until it returns true or `limit` passes;
-/// returns whether it did.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// GET `url`: (status, body).
 async fn get(url: &str) -> (u16, String) {
     let res = http()

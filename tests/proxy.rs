@@ -20,27 +20,15 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::*;
-/// A registry with archmerge in front of it.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-}
 
 impl Stack {
-    fn new() -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge(&registry.url());
-        Stack { proxy, registry }
-    }
-
-    /// `http://archmerge/v2/<path>`.
-    fn via(&self, path: &str) -> String {
+    /// `http://archmerge/v2/<path>`, a URL through archmerge.
+    fn v2_via(&self, path: &str) -> String {
         format!("{}/v2/{path}", self.proxy.url())
     }
 
-    /// `http://registry/v2/<path>`, straight to the registry.
-    fn direct(&self, path: &str) -> String {
+    /// `http://registry/v2/<path>`, a URL straight to the registry.
+    fn v2_direct(&self, path: &str) -> String {
         format!("{}/v2/{path}", self.registry.url())
     }
 }
@@ -122,7 +110,7 @@ async fn chunked_upload_with_content_range_then_put_with_digest() {
     let digest = digest_of(&data);
 
     let res = c
-        .post(s.via("chunked/app/blobs/uploads/"))
+        .post(s.v2_via("chunked/app/blobs/uploads/"))
         .send()
         .await
         .unwrap();
@@ -161,7 +149,7 @@ async fn chunked_upload_with_content_range_then_put_with_digest() {
     );
     let blob_url = location(&res);
     expect_status(res, 201).await;
-    assert_eq!(blob_url, s.via(&format!("chunked/app/blobs/{digest}")));
+    assert_eq!(blob_url, s.v2_via(&format!("chunked/app/blobs/{digest}")));
 
     let back = c.get(&blob_url).send().await.unwrap();
     assert_eq!(expect_status(back, 200).await, data);
@@ -175,7 +163,11 @@ async fn monolithic_uploads_post_then_put_and_single_post() {
     // POST for a session, then one PUT carrying the whole blob.
     let data = Seeded::bytes(11, 200_000);
     let digest = digest_of(&data);
-    let res = c.post(s.via("mono/blobs/uploads/")).send().await.unwrap();
+    let res = c
+        .post(s.v2_via("mono/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
     let url = location(&res);
     expect_status(res, 202).await;
     let res = c
@@ -191,7 +183,7 @@ async fn monolithic_uploads_post_then_put_and_single_post() {
     );
     expect_status(res, 201).await;
     let back = c
-        .get(s.direct(&format!("mono/blobs/{digest}")))
+        .get(s.v2_direct(&format!("mono/blobs/{digest}")))
         .send()
         .await
         .unwrap();
@@ -219,7 +211,7 @@ async fn monolithic_uploads_post_then_put_and_single_post() {
     assert_eq!(header(&res, "range"), header(&direct, "range"));
     if res.status() == StatusCode::ACCEPTED {
         let url = location(&res);
-        assert!(url.starts_with(&s.via("mono/blobs/uploads/")), "{url}");
+        assert!(url.starts_with(&s.v2_via("mono/blobs/uploads/")), "{url}");
         let res = c
             .put(with_digest(&url, &digest))
             .body(data.clone())
@@ -231,7 +223,7 @@ async fn monolithic_uploads_post_then_put_and_single_post() {
         expect_status(res, 201).await;
     }
     let back = c
-        .get(s.via(&format!("mono/blobs/{digest}")))
+        .get(s.v2_via(&format!("mono/blobs/{digest}")))
         .send()
         .await
         .unwrap();
@@ -246,7 +238,7 @@ async fn cross_repository_mount_answers_201() {
     let digest = put_blob(&c, &s.proxy.url(), "team/a", &data).await;
 
     let res = c
-        .post(s.via(&format!("team/b/blobs/uploads/?mount={digest}&from=team/a")))
+        .post(s.v2_via(&format!("team/b/blobs/uploads/?mount={digest}&from=team/a")))
         .send()
         .await
         .unwrap();
@@ -256,7 +248,7 @@ async fn cross_repository_mount_answers_201() {
     );
     let url = location(&res);
     expect_status(res, 201).await;
-    assert_eq!(url, s.via(&format!("team/b/blobs/{digest}")));
+    assert_eq!(url, s.v2_via(&format!("team/b/blobs/{digest}")));
 
     let res = c.head(&url).send().await.unwrap();
     assert_eq!(res.status(), 200, "the mounted blob is not in team/b");
@@ -270,7 +262,7 @@ async fn range_get_returns_206_with_the_exact_bytes() {
     let c = http();
     let data = Seeded::bytes(14, 100_000);
     let digest = put_blob(&c, &s.proxy.url(), "ranges", &data).await;
-    let url = s.via(&format!("ranges/blobs/{digest}"));
+    let url = s.v2_via(&format!("ranges/blobs/{digest}"));
 
     let res = c
         .get(&url)
@@ -301,7 +293,7 @@ async fn head_blob_has_the_real_content_length_and_no_body() {
     let digest = put_blob(&c, &s.proxy.url(), "heads", &data).await;
 
     let res = c
-        .head(s.via(&format!("heads/blobs/{digest}")))
+        .head(s.v2_via(&format!("heads/blobs/{digest}")))
         .send()
         .await
         .unwrap();
@@ -345,7 +337,7 @@ async fn manifests_honour_every_accept_line_etags_and_delete() {
     // Two Accept lines: distribution only serves an OCI manifest to a
     // client that lists the OCI type, so the second line must arrive.
     let res = c
-        .get(s.via("accept/app/manifests/v1"))
+        .get(s.v2_via("accept/app/manifests/v1"))
         .header("accept", media::DOCKER_MANIFEST)
         .header("accept", media::OCI_MANIFEST)
         .send()
@@ -363,7 +355,7 @@ async fn manifests_honour_every_accept_line_etags_and_delete() {
 
     // HEAD: the real length and digest.
     let res = c
-        .head(s.via("accept/app/manifests/v1"))
+        .head(s.v2_via("accept/app/manifests/v1"))
         .header("accept", media::OCI_MANIFEST)
         .send()
         .await
@@ -376,7 +368,7 @@ async fn manifests_honour_every_accept_line_etags_and_delete() {
 
     // If-None-Match with the digest → 304, as the registry says.
     let res = c
-        .get(s.via("accept/app/manifests/v1"))
+        .get(s.v2_via("accept/app/manifests/v1"))
         .header("accept", media::OCI_MANIFEST)
         .header("if-none-match", format!("\"{}\"", img.digest))
         .send()
@@ -386,13 +378,13 @@ async fn manifests_honour_every_accept_line_etags_and_delete() {
 
     // Delete by digest passes through, and the manifest is gone.
     let res = c
-        .delete(s.via(&format!("accept/app/manifests/{}", img.digest)))
+        .delete(s.v2_via(&format!("accept/app/manifests/{}", img.digest)))
         .send()
         .await
         .unwrap();
     expect_status(res, 202).await;
     let res = c
-        .get(s.direct(&format!("accept/app/manifests/{}", img.digest)))
+        .get(s.v2_direct(&format!("accept/app/manifests/{}", img.digest)))
         .header("accept", media::OCI_MANIFEST)
         .send()
         .await
@@ -409,25 +401,29 @@ async fn tags_list_and_catalog_are_the_registrys() {
     push_small_image(&c, &base, "lists/one", "v2", "amd64", 18).await;
     push_small_image(&c, &base, "lists/two", "v1", "amd64", 19).await;
 
-    let res = c.get(s.via("lists/one/tags/list")).send().await.unwrap();
+    let res = c.get(s.v2_via("lists/one/tags/list")).send().await.unwrap();
     let body = expect_status(res, 200).await;
     let tags: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(tags["name"], "lists/one");
     let mut names: Vec<_> = tags["tags"].as_array().unwrap().iter().collect();
     names.sort_by_key(|v| v.as_str().unwrap().to_owned());
     assert_eq!(names, ["v1", "v2"]);
-    let direct = c.get(s.direct("lists/one/tags/list")).send().await.unwrap();
+    let direct = c
+        .get(s.v2_direct("lists/one/tags/list"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(expect_status(direct, 200).await, body);
 
     for path in ["_catalog", "_catalog?n=1"] {
-        let res = c.get(s.via(path)).send().await.unwrap();
+        let res = c.get(s.v2_via(path)).send().await.unwrap();
         let link = header(&res, "link");
         let body = expect_status(res, 200).await;
-        let direct = c.get(s.direct(path)).send().await.unwrap();
+        let direct = c.get(s.v2_direct(path)).send().await.unwrap();
         assert_eq!(header(&direct, "link"), link, "{path}: Link differs");
         assert_eq!(expect_status(direct, 200).await, body, "{path}");
     }
-    let res = c.get(s.via("_catalog")).send().await.unwrap();
+    let res = c.get(s.v2_via("_catalog")).send().await.unwrap();
     let catalog: Value = serde_json::from_slice(&expect_status(res, 200).await).unwrap();
     assert_eq!(
         catalog["repositories"],
@@ -448,15 +444,15 @@ async fn registry_errors_pass_through_unchanged() {
         ("DELETE", "nothing/here/manifests/sha256:1111111111111111111111111111111111111111111111111111111111111111"),
     ] {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let via = c.request(m.clone(), s.via(path)).send().await.unwrap();
-        let direct = c.request(m, s.direct(path)).send().await.unwrap();
+        let via = c.request(m.clone(), s.v2_via(path)).send().await.unwrap();
+        let direct = c.request(m, s.v2_direct(path)).send().await.unwrap();
         assert_eq!(via.status(), direct.status(), "{method} {path}");
         assert_eq!(header(&via, "content-type"), header(&direct, "content-type"));
         let (via, direct) = (via.bytes().await.unwrap(), direct.bytes().await.unwrap());
         assert_eq!(via, direct, "{method} {path}: body differs");
     }
     let res = c
-        .get(s.via("nothing/here/manifests/latest"))
+        .get(s.v2_via("nothing/here/manifests/latest"))
         .send()
         .await
         .unwrap();
@@ -484,10 +480,10 @@ async fn registry_down_gives_502_unavailable() {
 
     // A registry that goes away under a running archmerge.
     let mut s = Stack::new();
-    let res = c.get(s.via("")).send().await.unwrap();
+    let res = c.get(s.v2_via("")).send().await.unwrap();
     assert_eq!(res.status(), 200);
     s.registry.kill();
-    let res = c.get(s.via("app/manifests/v1")).send().await.unwrap();
+    let res = c.get(s.v2_via("app/manifests/v1")).send().await.unwrap();
     let body = expect_status(res, 502).await;
     assert_eq!(oci_error_codes(&body), ["UNAVAILABLE"]);
 }
@@ -498,9 +494,9 @@ async fn registry_down_gives_502_unavailable() {
 async fn upload_locations_name_archmerge_or_its_public_url() {
     let s = Stack::new();
     let c = http();
-    let res = c.post(s.via("loc/blobs/uploads/")).send().await.unwrap();
+    let res = c.post(s.v2_via("loc/blobs/uploads/")).send().await.unwrap();
     let url = location(&res);
-    assert!(url.starts_with(&s.via("loc/blobs/uploads/")), "{url}");
+    assert!(url.starts_with(&s.v2_via("loc/blobs/uploads/")), "{url}");
     assert!(
         !url.contains(&s.registry.host()),
         "{url} names the registry"
@@ -580,7 +576,7 @@ async fn a_clients_own_forwarded_header_never_names_the_upload_location() {
     let data = Seeded::bytes(12, 1000);
     let digest = digest_of(&data);
     let res = c
-        .post(s.via("fwd/blobs/uploads/"))
+        .post(s.v2_via("fwd/blobs/uploads/"))
         .header("forwarded", "host=evil.example;proto=https")
         .send()
         .await
@@ -596,7 +592,7 @@ async fn a_clients_own_forwarded_header_never_names_the_upload_location() {
         .unwrap();
     expect_status(res, 201).await;
     let back = c
-        .get(s.direct(&format!("fwd/blobs/{digest}")))
+        .get(s.v2_direct(&format!("fwd/blobs/{digest}")))
         .send()
         .await
         .unwrap();
@@ -609,20 +605,20 @@ async fn a_clients_own_forwarded_header_never_names_the_upload_location() {
 async fn http2_with_prior_knowledge_pushes_and_pulls() {
     let s = Stack::new();
     let c = h2c();
-    let res = c.get(s.via("")).send().await.unwrap();
+    let res = c.get(s.v2_via("")).send().await.unwrap();
     assert_eq!(res.version(), reqwest::Version::HTTP_2);
     assert_eq!(res.status(), 200);
 
     let img = push_small_image(&c, &s.proxy.url(), "h2/app", "v1", "arm64", 20).await;
     let res = c
-        .get(s.via(&format!("h2/app/blobs/{}", img.layer_digest)))
+        .get(s.v2_via(&format!("h2/app/blobs/{}", img.layer_digest)))
         .send()
         .await
         .unwrap();
     assert_eq!(res.version(), reqwest::Version::HTTP_2);
     assert_eq!(expect_status(res, 200).await, img.layer);
     let res = c
-        .get(s.via("h2/app/manifests/v1"))
+        .get(s.v2_via("h2/app/manifests/v1"))
         .header("accept", media::OCI_MANIFEST)
         .send()
         .await
@@ -722,7 +718,7 @@ async fn a_1_gib_blob_streams_through_in_flat_memory() {
     let hashed = started.elapsed();
 
     // Up: one monolithic PUT, streamed from the generator.
-    let res = c.post(s.via("big/blobs/uploads/")).send().await.unwrap();
+    let res = c.post(s.v2_via("big/blobs/uploads/")).send().await.unwrap();
     let url = location(&res);
     expect_status(res, 202).await;
     let res = c
@@ -738,7 +734,7 @@ async fn a_1_gib_blob_streams_through_in_flat_memory() {
 
     // Down: hash what comes back without keeping it.
     let res = c
-        .get(s.via(&format!("big/blobs/{digest}")))
+        .get(s.v2_via(&format!("big/blobs/{digest}")))
         .send()
         .await
         .unwrap();

@@ -33,25 +33,6 @@ const RSS_BOUND: u64 = 64 * 1024 * 1024;
 
 // === the stack ===
 
-/// A registry with archmerge in front of it.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-}
-
-impl Stack {
-    fn new() -> Stack {
-        Stack::with(ArchmergeOpts::default())
-    }
-
-    fn with(opts: ArchmergeOpts) -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge_with(&registry.url(), opts);
-        Stack { proxy, registry }
-    }
-}
-
 /// archmerge with `toml` as its config file.
 fn config(toml: &str) -> ArchmergeOpts {
     ArchmergeOpts {

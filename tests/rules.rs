@@ -15,10 +15,8 @@ mod support;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::PathBuf;
 
 use serde_json::Value;
-use tempfile::TempDir;
 
 use support::*;
 
@@ -45,56 +43,13 @@ const VENDOR: &str = "org.opencontainers.image.vendor";
 
 // === the stack ===
 
-/// A registry with archmerge in front of it, configured with one rules file.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-    /// The same rules file archmerge runs with, for `archmerge inspect`.
-    config: TempDir,
-}
-
+/// The stacks here run archmerge with one rules file
+/// ([`Stack::with_rules`]).
 impl Stack {
-    fn new(rules: &str) -> Stack {
-        Stack::with_registry(RegistryOpts::default(), rules)
-    }
-
-    fn with_registry(opts: RegistryOpts, rules: &str) -> Stack {
-        let registry = spawn_registry_with(opts);
-        let proxy = spawn_archmerge_with(
-            &registry.url(),
-            ArchmergeOpts {
-                config_toml: Some(rules.to_owned()),
-                ..ArchmergeOpts::default()
-            },
-        );
-        let config = tempfile::tempdir().unwrap();
-        fs::write(config.path().join("archmerge.toml"), rules).unwrap();
-        Stack {
-            proxy,
-            registry,
-            config,
-        }
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.config.path().join("archmerge.toml")
-    }
-
-    /// `127.0.0.1:PROXY/<image>`, through archmerge.
-    fn via(&self, image: &str) -> String {
-        format!("{}/{image}", self.proxy.host())
-    }
-
-    /// `127.0.0.1:REGISTRY/<image>`, straight to the registry.
-    fn direct(&self, image: &str) -> String {
-        format!("{}/{image}", self.registry.host())
-    }
-
     /// Builds the image of `spec` (`seed` makes it unique) and pushes it
     /// with skopeo through archmerge to `image` (`repo:tag`); returns the
     /// digest the registry stored.
-    fn push(&self, image: &str, spec: &ArchSpec, seed: u64, format: Format) -> String {
+    fn push_via(&self, image: &str, spec: &ArchSpec, seed: u64, format: Format) -> String {
         let layout = build_oci_layout(&spec.image(seed), "build");
         let digest = skopeo_push(&layout, &self.via(image), format);
         if format != Format::V2s2 {
@@ -201,7 +156,7 @@ fn pull_as(image: &str, spec: &ArchSpec) -> PulledImage {
 
 #[tokio::test]
 async fn linuxserver_prefixes_merge_where_the_rule_applies_and_nowhere_else() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["ls/*"]
@@ -209,8 +164,8 @@ tag_patterns = ["{arch}-{tag}"]
 "#,
     );
     // linuxserver's naming: `amd64-<version>`, `arm64v8-<version>`.
-    let amd = s.push("ls/app:amd64-1.0", &AMD64, 11, Format::Source);
-    let arm = s.push("ls/app:arm64v8-1.0", &ARM64, 12, Format::Source);
+    let amd = s.push_via("ls/app:amd64-1.0", &AMD64, 11, Format::Source);
+    let arm = s.push_via("ls/app:arm64v8-1.0", &ARM64, 12, Format::Source);
 
     let index = s.index("ls/app", "1.0").await;
     assert_eq!(
@@ -227,14 +182,14 @@ tag_patterns = ["{arch}-{tag}"]
 
     // The first matching rule wins: under ls/* the default `{arch}_{tag}`
     // naming is not an arch tag.
-    let underscore = s.push("ls/app:aarch64_2.0", &ARM64, 13, Format::Source);
+    let underscore = s.push_via("ls/app:aarch64_2.0", &ARM64, 13, Format::Source);
     s.assert_absent("ls/app", "2.0").await;
     s.assert_plain_image("ls/app", "aarch64_2.0", &underscore)
         .await;
 
     // In a repository no rule names, the default rule applies:
     // `amd64-1.0` is a plain tag there and makes no `1.0`.
-    let plain = s.push("other/app:amd64-1.0", &AMD64, 14, Format::Source);
+    let plain = s.push_via("other/app:amd64-1.0", &AMD64, 14, Format::Source);
     s.assert_plain_image("other/app", "amd64-1.0", &plain).await;
     assert_eq!(s.tags("other/app").await, vec!["amd64-1.0"]);
     assert_eq!(
@@ -247,15 +202,15 @@ tag_patterns = ["{arch}-{tag}"]
 
 #[tokio::test]
 async fn suffixes_merge_into_the_tag_before_the_arch() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["sfx/*"]
 tag_patterns = ["{tag}-{arch}"]
 "#,
     );
-    let amd = s.push("sfx/app:1.0-x86_64", &AMD64, 21, Format::Source);
-    let arm = s.push("sfx/app:1.0-aarch64", &ARM64, 22, Format::Source);
+    let amd = s.push_via("sfx/app:1.0-x86_64", &AMD64, 21, Format::Source);
+    let arm = s.push_via("sfx/app:1.0-aarch64", &ARM64, 22, Format::Source);
     let index = s.index("sfx/app", "1.0").await;
     assert_eq!(
         index.entries(),
@@ -265,7 +220,7 @@ tag_patterns = ["{tag}-{arch}"]
     );
 
     // A version with dashes of its own: only the trailing arch is cut off.
-    let rc = s.push("sfx/app:2.0-rc1-x86_64", &AMD64, 23, Format::Source);
+    let rc = s.push_via("sfx/app:2.0-rc1-x86_64", &AMD64, 23, Format::Source);
     let index = s.index("sfx/app", "2.0-rc1").await;
     assert_eq!(index.entries(), entries([("linux/amd64", &rc)]));
 
@@ -289,7 +244,7 @@ tag_patterns = ["{tag}-{arch}"]
 
 #[tokio::test]
 async fn one_repository_per_arch_is_copied_into_the_target_repository() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["wg/*"]
@@ -371,7 +326,7 @@ repository_patterns = ["{repo}-{arch}"]
 
 #[tokio::test]
 async fn an_allow_list_leaves_other_arches_as_plain_tags() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["allow/*"]
@@ -379,12 +334,12 @@ arches = ["amd64", "arm64"]
 "#,
     );
     // s390x is not on the list: its arch tag is a plain tag, makes no v1.
-    let s390x = s.push("allow/app:s390x_v1", &S390X, 41, Format::Source);
+    let s390x = s.push_via("allow/app:s390x_v1", &S390X, 41, Format::Source);
     s.assert_absent("allow/app", "v1").await;
     s.assert_plain_image("allow/app", "s390x_v1", &s390x).await;
 
-    let amd = s.push("allow/app:x86_64_v1", &AMD64, 42, Format::Source);
-    let arm = s.push("allow/app:aarch64_v1", &ARM64, 43, Format::Source);
+    let amd = s.push_via("allow/app:x86_64_v1", &AMD64, 42, Format::Source);
+    let arm = s.push_via("allow/app:aarch64_v1", &ARM64, 43, Format::Source);
     let index = s.index("allow/app", "v1").await;
     assert_eq!(
         index.entries(),
@@ -399,14 +354,14 @@ arches = ["amd64", "arm64"]
 
 #[tokio::test]
 async fn a_required_set_publishes_nothing_until_complete_and_inspect_says_what_is_missing() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["req/*"]
 required = ["amd64", "arm64"]
 "#,
     );
-    let amd = s.push("req/app:x86_64_v1", &AMD64, 51, Format::Source);
+    let amd = s.push_via("req/app:x86_64_v1", &AMD64, 51, Format::Source);
 
     // Nothing is published: not in the registry, not through archmerge.
     s.assert_absent("req/app", "v1").await;
@@ -435,7 +390,7 @@ required = ["amd64", "arm64"]
     );
 
     // The last required arch arrives: the index is published with both.
-    let arm = s.push("req/app:aarch64_v1", &ARM64, 52, Format::Source);
+    let arm = s.push_via("req/app:aarch64_v1", &ARM64, 52, Format::Source);
     let index = s.index("req/app", "v1").await;
     assert_eq!(
         index.entries(),
@@ -457,15 +412,15 @@ required = ["amd64", "arm64"]
 
 #[tokio::test]
 async fn extra_targets_get_the_same_index() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["ext/*"]
 extra_targets = ["latest"]
 "#,
     );
-    let amd = s.push("ext/app:x86_64_v2", &AMD64, 61, Format::Source);
-    let arm = s.push("ext/app:aarch64_v2", &ARM64, 62, Format::Source);
+    let amd = s.push_via("ext/app:x86_64_v2", &AMD64, 61, Format::Source);
+    let arm = s.push_via("ext/app:aarch64_v2", &ARM64, 62, Format::Source);
 
     let v2 = s.index("ext/app", "v2").await;
     let latest = s.index("ext/app", "latest").await;
@@ -493,7 +448,7 @@ extra_targets = ["latest"]
 
 #[tokio::test]
 async fn annotations_go_on_an_oci_index_and_a_docker_list_has_none() {
-    let s = Stack::new(
+    let s = Stack::with_rules(
         r#"
 [[rules]]
 repositories = ["ann/*"]
@@ -501,8 +456,8 @@ annotations = { "org.opencontainers.image.vendor" = "example" }
 "#,
     );
     // OCI children → an OCI image index, which carries the annotation.
-    s.push("ann/oci:x86_64_v1", &AMD64, 71, Format::Oci);
-    s.push("ann/oci:aarch64_v1", &ARM64, 72, Format::Oci);
+    s.push_via("ann/oci:x86_64_v1", &AMD64, 71, Format::Oci);
+    s.push_via("ann/oci:aarch64_v1", &ARM64, 72, Format::Oci);
     let oci = s.index("ann/oci", "v1").await;
     let json = oci.json();
     assert_eq!(json["mediaType"], media::OCI_INDEX, "{}", oci.text());
@@ -514,8 +469,8 @@ annotations = { "org.opencontainers.image.vendor" = "example" }
     // index-level `annotations` at all, so there is nowhere to put the
     // vendor: the list must come out without one (not with a field Docker
     // tooling does not know), and still list both images.
-    let amd = s.push("ann/docker:x86_64_v1", &AMD64, 73, Format::V2s2);
-    let arm = s.push("ann/docker:aarch64_v1", &ARM64, 74, Format::V2s2);
+    let amd = s.push_via("ann/docker:x86_64_v1", &AMD64, 73, Format::V2s2);
+    let arm = s.push_via("ann/docker:aarch64_v1", &ARM64, 74, Format::V2s2);
     let list = s.index("ann/docker", "v1").await;
     let json = list.json();
     assert_eq!(json["mediaType"], media::DOCKER_LIST, "{}", list.text());
@@ -950,16 +905,20 @@ async fn a_windows_image_with_a_foreign_base_layer_is_copied_without_that_layer(
         )],
         ..RegistryOpts::default()
     };
-    let s = Stack::with_registry(
-        registry,
-        r#"
+    let rules = r#"
 [aliases]
 windows-amd64 = "windows/amd64"
 
 [[rules]]
 repositories = ["win/*"]
 repository_patterns = ["{repo}-{arch}"]
-"#,
+"#;
+    let s = Stack::with_registry(
+        registry,
+        ArchmergeOpts {
+            config_toml: Some(rules.to_owned()),
+            ..ArchmergeOpts::default()
+        },
     );
     let (base, repo) = (s.proxy.url(), "win/app-windows-amd64");
     let client = http();

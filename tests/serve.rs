@@ -35,51 +35,15 @@ const DOCKER_LIST: &str = media::DOCKER_LIST;
 
 // === the stack ===
 
-/// A registry with one archmerge in front of it.
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-}
-
 impl Stack {
     /// archmerge in `--mode serve`.
     fn serve() -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge_with(&registry.url(), mode("serve"));
-        Stack { proxy, registry }
+        Stack::with(mode("serve"))
     }
 
     /// archmerge in its default mode, write.
     fn write() -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge(&registry.url());
-        Stack { proxy, registry }
-    }
-
-    /// Another archmerge, with `opts`, in front of the same registry.
-    fn replica(&self, opts: ArchmergeOpts) -> Archmerge {
-        spawn_archmerge_with(&self.registry.url(), opts)
-    }
-
-    /// `127.0.0.1:PROXY/<image>`, an image reference through archmerge.
-    fn via(&self, image: &str) -> String {
-        format!("{}/{image}", self.proxy.host())
-    }
-
-    /// The manifest PUTs the registry answered 201 for `repo`, as
-    /// `reference`s, from its access log.
-    fn manifest_puts(&self, repo: &str) -> Vec<String> {
-        let prefix = format!("\"PUT /v2/{repo}/manifests/");
-        self.registry
-            .log_text()
-            .lines()
-            .filter_map(|l| {
-                let rest = &l[l.find(&prefix)? + prefix.len()..];
-                let (reference, status) = rest.split_once(" HTTP/1.1\" ")?;
-                status.starts_with("201").then(|| reference.to_owned())
-            })
-            .collect()
+        Stack::new()
     }
 }
 

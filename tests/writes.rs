@@ -22,13 +22,10 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::fs;
-use std::path::PathBuf;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tempfile::TempDir;
 
 use support::*;
 
@@ -85,90 +82,14 @@ const RISCV64: ArchSpec = ArchSpec {
 
 // === the stack ===
 
-/// A registry with archmerge in front of it (and, for the webhook stories,
-/// the registry's notifications sent to archmerge's `/events`).
-struct Stack {
-    /// Dropped first: archmerge goes before its registry.
-    proxy: Archmerge,
-    registry: Registry,
-    /// archmerge's admin listener.
-    admin: String,
-    /// The rules archmerge runs with, for the one-shot commands.
-    config: TempDir,
-}
-
+/// The stacks here run archmerge with a rules file (empty for the default
+/// patterns: [`Stack::with_rules`]) and, for the webhook stories, the
+/// registry's notifications sent to archmerge's `/events`
+/// ([`Stack::with_webhook`]).
 impl Stack {
-    /// Default patterns, no webhook.
-    fn new() -> Stack {
-        Stack::with_rules("")
-    }
-
-    /// `rules` as archmerge's config file, no webhook.
-    fn with_rules(rules: &str) -> Stack {
-        let registry = spawn_registry();
-        let proxy = spawn_archmerge_with(&registry.url(), Stack::opts(rules, Vec::new()));
-        let admin = proxy.admin_url();
-        Stack::assemble(proxy, registry, admin, rules)
-    }
-
-    /// A registry that notifies archmerge's `/events` of every push and
-    /// delete, so writes made straight at the registry reach archmerge.
-    fn with_webhook(rules: &str) -> Stack {
-        // The registry must know archmerge's admin address before archmerge
-        // starts, so the test picks it.
-        let admin_port = free_port();
-        let registry = spawn_registry_extra(
-            &RegistryOpts::default(),
-            &RegistryExtra {
-                notify: Some(Notify {
-                    url: format!("http://127.0.0.1:{admin_port}/events"),
-                    bearer: None,
-                }),
-                ..Default::default()
-            },
-        );
-        let args = vec!["--admin-listen".into(), format!("127.0.0.1:{admin_port}")];
-        let proxy = spawn_archmerge_with(&registry.url(), Stack::opts(rules, args));
-        let admin = format!("http://127.0.0.1:{admin_port}");
-        Stack::assemble(proxy, registry, admin, rules)
-    }
-
-    fn opts(rules: &str, args: Vec<String>) -> ArchmergeOpts {
-        ArchmergeOpts {
-            args,
-            config_toml: Some(rules.to_owned()),
-            ..ArchmergeOpts::default()
-        }
-    }
-
-    fn assemble(proxy: Archmerge, registry: Registry, admin: String, rules: &str) -> Stack {
-        let config = tempfile::tempdir().unwrap();
-        fs::write(config.path().join("archmerge.toml"), rules).unwrap();
-        Stack {
-            proxy,
-            registry,
-            admin,
-            config,
-        }
-    }
-
-    fn config_path(&self) -> PathBuf {
-        self.config.path().join("archmerge.toml")
-    }
-
-    /// `127.0.0.1:PROXY/<image>`, through archmerge.
-    fn via(&self, image: &str) -> String {
-        format!("{}/{image}", self.proxy.host())
-    }
-
-    /// `127.0.0.1:REGISTRY/<image>`, straight to the registry.
-    fn direct(&self, image: &str) -> String {
-        format!("{}/{image}", self.registry.host())
-    }
-
     /// Builds the image of `spec` (`seed` makes it unique) and pushes it
     /// with skopeo to `dest` (`host/repo:tag`); returns its digest.
-    fn push(&self, dest: &str, spec: &ArchSpec, seed: u64) -> String {
+    fn push_to(&self, dest: &str, spec: &ArchSpec, seed: u64) -> String {
         let layout = build_oci_layout(&spec.image(seed), "build");
         let digest = skopeo_push(&layout, dest, Format::Source);
         assert_eq!(
@@ -283,11 +204,6 @@ impl Stack {
         out
     }
 
-    /// archmerge's log without terminal colours.
-    fn proxy_log(&self) -> String {
-        strip_ansi(&self.proxy.log_text())
-    }
-
     /// How many times archmerge logged that `arch_tag` holding `digest` is no
     /// runnable image (the line names both).
     fn non_image_lines(&self, arch_tag: &str, digest: &str) -> usize {
@@ -300,7 +216,7 @@ impl Stack {
     /// The sum of every sample of the metric `name` (whatever its labels),
     /// from the admin listener; 0 when there is none.
     async fn metric(&self, name: &str) -> f64 {
-        let url = format!("{}/metrics", self.admin);
+        let url = format!("{}/metrics", self.admin_url());
         let text = http()
             .get(&url)
             .send()
@@ -330,25 +246,6 @@ struct Answer {
     body: String,
 }
 
-/// `text` without ANSI escape sequences (archmerge writes them to its log
-/// file too).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
 /// `{(platform, digest)…}` as [`ManifestAnswer::entries`] gives them.
 fn set<const N: usize>(items: [(&str, &str); N]) -> BTreeSet<(String, String)> {
     items
@@ -374,25 +271,6 @@ fn entry<'a>(json: &'a Value, digest: &str) -> &'a Value {
 /// The index-level annotation `key`, if any.
 fn index_annotation(json: &Value, key: &str) -> Option<String> {
     json["annotations"][key].as_str().map(str::to_owned)
-}
-
-/// Polls `check` every 100 ms until it returns true or `limit` passes;
-/// returns whether it did.
-async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Checks every 100 ms for `period` that `repo:tag` in the registry still
@@ -425,10 +303,10 @@ fn notes(text: &str) -> [(&str, &str, &str); 1] {
 #[tokio::test]
 async fn a_list_pushed_at_the_target_is_amended_before_buildah_returns_and_comes_back_when_the_arch_tags_go(
 ) {
-    let s = Stack::new();
+    let s = Stack::with_rules("");
     // CI pushes the two arches it builds itself.
-    let amd = s.push(&s.via("app:x86_64_v3"), &AMD64, 101);
-    let arm = s.push(&s.via("app:aarch64_v3"), &ARM64, 102);
+    let amd = s.push_to(&s.via("app:x86_64_v3"), &AMD64, 101);
+    let arm = s.push_to(&s.via("app:aarch64_v3"), &ARM64, 102);
     assert_eq!(
         s.index("app", "v3").await.entries(),
         set([("linux/amd64", &amd), ("linux/arm64/v8", &arm)])
@@ -436,8 +314,8 @@ async fn a_list_pushed_at_the_target_is_amended_before_buildah_returns_and_comes
 
     // Another team builds s390x and ppc64le elsewhere and publishes them
     // with buildah as a list pushed at app:v3, through archmerge.
-    let s390 = s.push(&s.via("seed/s390x:1"), &S390X, 103);
-    let ppc = s.push(&s.via("seed/ppc64le:1"), &PPC64LE, 104);
+    let s390 = s.push_to(&s.via("seed/s390x:1"), &S390X, 103);
+    let ppc = s.push_to(&s.via("seed/ppc64le:1"), &PPC64LE, 104);
     let b = Buildah::new();
     b.manifest_create("localhost/app-v3");
     b.manifest_add("localhost/app-v3", &s.via("seed/s390x:1"));
@@ -497,10 +375,10 @@ async fn a_list_pushed_at_the_target_is_amended_before_buildah_returns_and_comes
 
 #[tokio::test]
 async fn a_plain_image_pushed_at_the_target_keeps_its_platform_beside_the_arch_tags() {
-    let s = Stack::new();
-    let amd = s.push(&s.via("app:x86_64_v5"), &AMD64, 111);
+    let s = Stack::with_rules("");
+    let amd = s.push_to(&s.via("app:x86_64_v5"), &AMD64, 111);
     // Someone pushes a riscv64 image straight at app:v5 with skopeo.
-    let riscv = s.push(&s.via("app:v5"), &RISCV64, 112);
+    let riscv = s.push_to(&s.via("app:v5"), &RISCV64, 112);
 
     // When skopeo returns, app:v5 is an index again: amd64 from the arch
     // tag, riscv64 kept from the image, which is the index's base.
@@ -564,11 +442,11 @@ async fn an_artifact_pushed_at_the_target_is_its_base_but_never_an_entry() {
 
 #[tokio::test]
 async fn a_plain_image_pushed_at_the_target_loses_its_platform_to_the_arch_tag() {
-    let s = Stack::new();
-    let amd = s.push(&s.via("app:x86_64_v6"), &AMD64, 121);
+    let s = Stack::with_rules("");
+    let amd = s.push_to(&s.via("app:x86_64_v6"), &AMD64, 121);
     // An amd64 image pushed straight at app:v6: the arch tag provides
     // amd64, so the arch tag's image is the one listed.
-    let plain = s.push(&s.via("app:v6"), &AMD64, 122);
+    let plain = s.push_to(&s.via("app:v6"), &AMD64, 122);
 
     let index = s.index("app", "v6").await;
     let json = index.json();
@@ -600,7 +478,7 @@ async fn a_plain_image_pushed_at_the_target_loses_its_platform_to_the_arch_tag()
 
 #[tokio::test]
 async fn artifacts_at_arch_tags_make_no_index() {
-    let s = Stack::new();
+    let s = Stack::with_rules("");
     let oras = Oras::new();
     // oras pushes a file with its tool's own config type at aarch64_v1, and
     // an OCI 1.1 artifact (artifactType, empty config) at x86_64_v1.
@@ -656,10 +534,10 @@ async fn artifacts_at_arch_tags_make_no_index() {
 
 #[tokio::test]
 async fn an_artifact_pushed_over_an_arch_tag_neither_becomes_nor_displaces_its_entry() {
-    let s = Stack::new();
+    let s = Stack::with_rules("");
     let oras = Oras::new();
-    let amd = s.push(&s.via("orx/img:x86_64_v1"), &AMD64, 201);
-    let arm = s.push(&s.via("orx/img:aarch64_v1"), &ARM64, 202);
+    let amd = s.push_to(&s.via("orx/img:x86_64_v1"), &AMD64, 201);
+    let arm = s.push_to(&s.via("orx/img:aarch64_v1"), &ARM64, 202);
     let before = s.index("orx/img", "v1").await;
     assert_eq!(
         before.entries(),
@@ -691,7 +569,7 @@ async fn an_artifact_pushed_over_an_arch_tag_neither_becomes_nor_displaces_its_e
 
     // A new amd64 build arrives: the arm64 image stays, the artifact never
     // comes in.
-    let amd2 = s.push(&s.via("orx/img:x86_64_v1"), &AMD64, 203);
+    let amd2 = s.push_to(&s.via("orx/img:x86_64_v1"), &AMD64, 203);
     let index = s.index("orx/img", "v1").await;
     assert_eq!(
         index.entries(),
@@ -739,8 +617,8 @@ async fn an_artifact_pushed_over_an_arch_tag_neither_becomes_nor_displaces_its_e
 #[tokio::test]
 async fn a_delete_in_a_per_arch_repository_updates_the_target_before_it_is_answered() {
     let s = Stack::with_rules(WG_RULES);
-    let s390 = s.push(&s.via("wg/tool-s390x:v2"), &S390X, 301);
-    let amd = s.push(&s.via("wg/tool-amd64:v2"), &AMD64, 302);
+    let s390 = s.push_to(&s.via("wg/tool-s390x:v2"), &S390X, 301);
+    let amd = s.push_to(&s.via("wg/tool-amd64:v2"), &AMD64, 302);
     let before = s.index("wg/tool", "v2").await;
     assert_eq!(
         before.entries(),
@@ -781,10 +659,10 @@ async fn a_delete_in_a_per_arch_repository_updates_the_target_before_it_is_answe
 
 #[tokio::test]
 async fn a_deleted_target_index_stays_absent_until_reconcile_or_the_next_arch_push() {
-    let s = Stack::new();
+    let s = Stack::with_rules("");
     let amd_layout = build_oci_layout(&AMD64.image(401), "build");
     let amd = skopeo_push(&amd_layout, &s.via("app:x86_64_v4"), Format::Source);
-    let arm = s.push(&s.via("app:aarch64_v4"), &ARM64, 402);
+    let arm = s.push_to(&s.via("app:aarch64_v4"), &ARM64, 402);
     let index = s.index("app", "v4").await;
     let built = digest_of(&index.body);
     let both = set([("linux/amd64", &amd), ("linux/arm64/v8", &arm)]);
@@ -854,8 +732,8 @@ async fn a_deleted_target_index_stays_absent_until_reconcile_or_the_next_arch_pu
 async fn webhook_an_artifact_pushed_straight_at_an_arch_tag_leaves_the_index_alone() {
     let s = Stack::with_webhook("");
     let oras = Oras::new();
-    let amd = s.push(&s.direct("hook/app:x86_64_v1"), &AMD64, 501);
-    let arm = s.push(&s.direct("hook/app:aarch64_v1"), &ARM64, 502);
+    let amd = s.push_to(&s.direct("hook/app:x86_64_v1"), &AMD64, 501);
+    let arm = s.push_to(&s.direct("hook/app:aarch64_v1"), &ARM64, 502);
     let want = set([("linux/amd64", &amd), ("linux/arm64/v8", &arm)]);
     let (st, w) = (&s, &want);
     let merged = eventually(Duration::from_secs(15), move || async move {
@@ -900,8 +778,8 @@ async fn webhook_an_artifact_pushed_straight_at_an_arch_tag_leaves_the_index_alo
 #[tokio::test]
 async fn webhook_a_list_pushed_straight_at_the_target_becomes_its_base() {
     let s = Stack::with_webhook("");
-    let amd = s.push(&s.direct("hook/list:x86_64_v1"), &AMD64, 511);
-    let arm = s.push(&s.direct("hook/list:aarch64_v1"), &ARM64, 512);
+    let amd = s.push_to(&s.direct("hook/list:x86_64_v1"), &AMD64, 511);
+    let arm = s.push_to(&s.direct("hook/list:aarch64_v1"), &ARM64, 512);
     let want = set([("linux/amd64", &amd), ("linux/arm64/v8", &arm)]);
     let (st, w) = (&s, &want);
     let merged = eventually(Duration::from_secs(15), move || async move {
@@ -917,8 +795,8 @@ async fn webhook_a_list_pushed_straight_at_the_target_becomes_its_base() {
 
     // A list of amd64 and s390x, made with buildah, pushed straight at the
     // registry at hook/list:v1.
-    let other_amd = s.push(&s.direct("seed/amd64:1"), &AMD64, 513);
-    let s390 = s.push(&s.direct("seed/s390x:1"), &S390X, 514);
+    let other_amd = s.push_to(&s.direct("seed/amd64:1"), &AMD64, 513);
+    let s390 = s.push_to(&s.direct("seed/s390x:1"), &S390X, 514);
     let b = Buildah::new();
     b.manifest_create("localhost/hook-list");
     b.manifest_add("localhost/hook-list", &s.direct("seed/amd64:1"));
@@ -953,8 +831,8 @@ async fn webhook_a_list_pushed_straight_at_the_target_becomes_its_base() {
 #[tokio::test]
 async fn webhook_a_delete_straight_in_a_per_arch_repository_updates_the_target() {
     let s = Stack::with_webhook(WG_RULES);
-    let s390 = s.push(&s.direct("wg/tool-s390x:v2"), &S390X, 521);
-    let amd = s.push(&s.direct("wg/tool-amd64:v2"), &AMD64, 522);
+    let s390 = s.push_to(&s.direct("wg/tool-s390x:v2"), &S390X, 521);
+    let amd = s.push_to(&s.direct("wg/tool-amd64:v2"), &AMD64, 522);
     let want = set([("linux/amd64", &amd), ("linux/s390x", &s390)]);
     let (st, w) = (&s, &want);
     let merged = eventually(Duration::from_secs(15), move || async move {
@@ -988,7 +866,7 @@ async fn webhook_a_delete_straight_in_a_per_arch_repository_updates_the_target()
 
 #[tokio::test]
 async fn reconcile_makes_no_index_of_artifacts_and_one_of_the_images_beside_them() {
-    let s = Stack::new();
+    let s = Stack::with_rules("");
     let oras = Oras::new();
     // Straight at the registry: only artifacts at rec/art's arch tags; an
     // image and an artifact at rec/mix's.
@@ -1007,7 +885,7 @@ async fn reconcile_makes_no_index_of_artifacts_and_one_of_the_images_beside_them
             r#"{"spdxVersion":"SPDX-2.3"}"#,
         )],
     );
-    let amd = s.push(&s.direct("rec/mix:x86_64_v1"), &AMD64, 531);
+    let amd = s.push_to(&s.direct("rec/mix:x86_64_v1"), &AMD64, 531);
     let sbom = oras.push_artifact(
         &s.direct("rec/mix:aarch64_v1"),
         SBOM_TYPE,
@@ -1039,8 +917,8 @@ async fn reconcile_makes_no_index_of_artifacts_and_one_of_the_images_beside_them
 async fn reconcile_of_a_per_arch_repository_rebuilds_its_target() {
     let s = Stack::with_rules(WG_RULES);
     // Straight at the registry, so no index yet.
-    let s390 = s.push(&s.direct("wg/tool-s390x:v2"), &S390X, 541);
-    let amd = s.push(&s.direct("wg/tool-amd64:v2"), &AMD64, 542);
+    let s390 = s.push_to(&s.direct("wg/tool-s390x:v2"), &S390X, 541);
+    let amd = s.push_to(&s.direct("wg/tool-amd64:v2"), &AMD64, 542);
     s.assert_absent("wg/tool", "v2", "pushed straight at the registry")
         .await;
 

@@ -2,7 +2,9 @@
 //! brought back where it was (same port, same storage) after
 //! [`Registry::kill`], and HTTP/1.1 spoken byte for byte over a raw socket
 //! for requests no client library sends (dot segments, `%2e%2e`, a header
-//! trickled one byte a second, a connection that never speaks).
+//! trickled one byte a second, a connection that never speaks). And
+//! [`eventually`], the one poll-until-it-holds every test file uses for
+//! what happens in the background (a webhook's merge, a registry back up).
 //!
 //! Nothing here changes how the other spawners behave.
 
@@ -11,7 +13,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::{log_file, read_log, wait_for, Registry, REGISTRY_BIN};
+use super::process::{log_file, read_log, wait_for};
+use super::registry::REGISTRY_BIN;
+use super::Registry;
 
 // === a registry that comes back ===
 

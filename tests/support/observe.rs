@@ -15,6 +15,9 @@
 //!   stop moving first).
 //! - archmerge's open file descriptors (`/proc/PID/fd`) and the limit it
 //!   runs under (`/proc/PID/limits`), and a sampler that keeps the peak.
+//! - archmerge's log as text: [`strip_ansi`] takes out the colours it
+//!   writes even to a file (a colour code could split what a test looks
+//!   for).
 
 use std::fs;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -228,4 +231,24 @@ impl Drop for FdSampler {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
+}
+
+// === archmerge's log ===
+
+/// `text` without ANSI escape sequences (`ESC [ … letter`).
+pub fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
