@@ -402,7 +402,7 @@ async fn a_plain_image_pushed_at_the_target_keeps_its_platform_beside_the_arch_t
 #[tokio::test]
 async fn an_artifact_pushed_at_the_target_is_its_base_but_never_an_entry() {
     let s = Stack::new();
-    let amd = s.push(&s.via("app:x86_64_v7"), &AMD64, 131);
+    let amd = s.push_to(&s.via("app:x86_64_v7"), &AMD64, 131);
     // Someone pushes an SBOM artifact with oras straight at the target tag.
     let sbom = Oras::new().push_artifact(
         &s.via("app:v7"),
