@@ -3,7 +3,10 @@
 #   docker build -t archmerge .
 #   docker run --rm -p 5080:5080 -e ARCHMERGE_UPSTREAM=http://my-registry:5000 archmerge
 #
-# docker-compose.yml runs it together with registry:2.
+# docker-compose.yml runs it together with registry:2. The runtime image is
+# Debian slim, ca-certificates and the stripped binary (the release profile
+# strips it); scripts/test.sh builds it and runs the compose stack
+# (tests/deploy.rs).
 
 # === build ===
 FROM rust:1-bookworm AS build
@@ -11,10 +14,12 @@ WORKDIR /src
 
 # Dependencies first, against stub sources: this layer is reused until
 # Cargo.toml or Cargo.lock change.
+# The manifest names the benchmark's source: a stub stands in for it too.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN mkdir -p src benches/bench \
     && echo 'fn main() {}' > src/main.rs \
     && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/bench/main.rs \
     && cargo build --release --locked \
     && rm -rf src
 
@@ -22,8 +27,7 @@ RUN mkdir src \
 # than the stub build: touch so cargo rebuilds the crate.
 COPY src ./src
 RUN touch src/main.rs src/lib.rs \
-    && cargo build --release --locked \
-    && strip --strip-debug target/release/archmerge
+    && cargo build --release --locked
 
 # === runtime ===
 FROM debian:bookworm-slim
@@ -44,4 +48,8 @@ ENV ARCHMERGE_LISTEN=0.0.0.0:5080 \
 
 USER archmerge
 EXPOSE 5080 5081
+# /healthz on the admin listener, over bash's /dev/tcp (the image has no
+# curl); the port is the one ARCHMERGE_ADMIN_LISTEN names.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=5s --retries=3 \
+    CMD ["bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/${ARCHMERGE_ADMIN_LISTEN##*:} && printf 'GET /healthz HTTP/1.0\\r\\n\\r\\n' >&3 && read -r status <&3 && [[ $status == *' 200 '* ]]"]
 ENTRYPOINT ["archmerge", "serve"]
