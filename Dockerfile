@@ -2,6 +2,8 @@
 #
 #   docker build -t archmerge .
 #   docker run --rm -p 5080:5080 -e ARCHMERGE_UPSTREAM=http://my-registry:5000 archmerge
+#   docker run --rm -p 5080:5080 -p 127.0.0.1:5081:5081 -e ARCHMERGE_UPSTREAM=… \
+#     -e ARCHMERGE_ADMIN_LISTEN=0.0.0.0:5081 -e ARCHMERGE_ADMIN_TOKEN=… archmerge
 #
 # docker-compose.yml runs it together with registry:2. The runtime image is
 # Debian slim, ca-certificates and the stripped binary (the release profile
@@ -39,11 +41,16 @@ COPY --from=build /src/target/release/archmerge /usr/local/bin/archmerge
 # The commented reference configuration, for `--config` or ARCHMERGE_CONFIG.
 COPY config/archmerge.toml /etc/archmerge/archmerge.toml.example
 
-# Listen on every interface inside the container; the admin listener too, so
-# a published 5081 reaches /healthz and /metrics. Override with -e.
+# Listen on every interface inside the container. The admin listener stays
+# on loopback (the HEALTHCHECK reaches it there); to publish it, set
+# ARCHMERGE_ADMIN_LISTEN=0.0.0.0:5081 together with ARCHMERGE_ADMIN_TOKEN
+# (archmerge refuses a non-loopback admin listener without a token), as
+# docker-compose.yml and deploy/kubernetes/ do. No upstream is set here:
+# give ARCHMERGE_UPSTREAM or `upstream` in a --config file (the environment
+# wins over the file, so these ENV lines override `listen` and
+# `admin_listen` of a file; -e overrides them).
 ENV ARCHMERGE_LISTEN=0.0.0.0:5080 \
-    ARCHMERGE_ADMIN_LISTEN=0.0.0.0:5081 \
-    ARCHMERGE_UPSTREAM=http://registry:5000 \
+    ARCHMERGE_ADMIN_LISTEN=127.0.0.1:5081 \
     RUST_LOG=info
 
 USER archmerge
