@@ -26,6 +26,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -326,11 +327,18 @@ fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// The image of this checkout, built once per test run (the engine tests
+/// here run in parallel and share it).
+fn build_image() -> String {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(build_image_now).clone()
+}
+
 /// The base images (stand-ins made when missing), then `docker build` of
 /// the Dockerfile at the repository root, tagged per checkout so parallel
 /// checkouts do not overwrite each other's image (and each keeps its
 /// layer cache). Returns the tag.
-fn build_image() -> String {
+fn build_image_now() -> String {
     let out = run_with_timeout(
         Command::new("bash").arg(root().join("scripts/docker-bases.sh")),
         Duration::from_secs(20 * 60),
