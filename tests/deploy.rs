@@ -348,13 +348,36 @@ fn build_image_now() -> String {
     let checkout = sha256_hex(root().to_string_lossy().as_bytes());
     let tag = format!("archmerge-test:{}", &checkout[..12]);
     let started = Instant::now();
-    let out = run_with_timeout(
-        Command::new("docker")
-            .args(["build", "-t", &tag])
-            .arg(root()),
-        BUILD_TIMEOUT,
-    );
-    expect_success("docker build (the Dockerfile)", &out);
+    // The build stage gets a tag of its own, so the engine keeps it (the
+    // layer cache of the next run) and the stages of earlier builds become
+    // dangling images, removed below.
+    let build_tag = format!("archmerge-test-build:{}", &checkout[..12]);
+    for (what, args) in [
+        (
+            "docker build --target build (the Dockerfile's build stage)",
+            ["--target", "build", "-t", build_tag.as_str()].as_slice(),
+        ),
+        (
+            "docker build (the Dockerfile)",
+            ["-t", tag.as_str()].as_slice(),
+        ),
+    ] {
+        let out = run_with_timeout(
+            Command::new("docker").arg("build").args(args).arg(root()),
+            BUILD_TIMEOUT,
+        );
+        expect_success(what, &out);
+    }
+    // Earlier builds of these images: dangling images that descend from
+    // the local stand-ins (labelled org.archmerge.stand-in=1), never an
+    // image of anyone else.
+    let _ = docker_output(&[
+        "image",
+        "prune",
+        "--force",
+        "--filter",
+        "label=org.archmerge.stand-in=1",
+    ]);
     let size: u64 = text(&docker(&[
         "image",
         "inspect",
