@@ -5,7 +5,9 @@
 # of figures and ratios to direct.
 #
 #   1. installs Debian's docker-registry and nginx when missing,
-#   2. builds archmerge (release) and the load generator (benches/bench/),
+#   2. builds archmerge (the `profiling` profile of Cargo.toml: the release
+#      build with symbols and line tables, so perf can name functions) and
+#      the load generator (benches/bench/),
 #   3. starts, on free loopback ports and with everything in one temp dir:
 #      the registry (its own config), nginx in front of it (bench/nginx.conf,
 #      run as the current user, never the system config or service),
@@ -50,9 +52,9 @@ if ((${#need[@]})); then
         apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
-note "cargo build --release (archmerge)"
-cargo build --release --bin archmerge
-archmerge_bin=$root/target/release/archmerge
+note "cargo build --profile profiling (archmerge: release, with symbols)"
+cargo build --profile profiling --bin archmerge
+archmerge_bin=$root/target/profiling/archmerge
 
 note "cargo bench --no-run (the load generator)"
 # The bench target's own artifact (cargo also builds the archmerge binary
