@@ -13,14 +13,13 @@
 
 use std::time::{Duration, Instant};
 
-use crate::body::{ClientBody, ClientBodyError};
 use bytes::Bytes;
 use http::{header, request, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::app::{Accepted, App};
-use crate::body::{self, Body};
+use crate::body::{self, Body, ClientBody, ClientBodyError};
 use crate::bounded::{self, Backoff};
 use crate::error::ProxyError;
 use crate::forward::{self, proxy_error, ClientSide};
@@ -30,7 +29,8 @@ use crate::route::Reference;
 use crate::rules::Write;
 use crate::upstream::{Auth, FetchedManifest};
 
-/// A manifest PUT: buffer, forward, merge when it was an arch tag, answer.
+/// A manifest PUT: buffer (within the budget), forward, bring what it
+/// touches up to date, answer with the registry's answer.
 pub async fn put_manifest(
     app: &App,
     req: Request<ClientBody>,
@@ -102,13 +102,10 @@ pub async fn put_manifest(
             }),
         })
         .await;
-    // The push stands; a merge that failed is said in a `Warning` (RFC 9111
-    // §5.5, code 199 "miscellaneous"), and retried in the background.
+    // The push stands; a merge that failed is said, and retried in the
+    // background.
     for w in warnings {
-        let text = format!("199 archmerge {:?}", w.replace('"', "'"));
-        if let Ok(v) = HeaderValue::from_str(&text) {
-            parts.headers.append(header::WARNING, v);
-        }
+        add_warning(&mut parts.headers, &w);
     }
     Ok(Response::from_parts(parts, body::full(answer)))
 }
@@ -210,7 +207,7 @@ pub async fn delete_manifest(
             }
         },
     };
-    let resp = forward::forward(&app.upstream, req, client).await?;
+    let mut resp = forward::forward(&app.upstream, req, client).await?;
     if resp.status().is_success() {
         let write = match &tags {
             Some(tags) => Write::Deleted(tags),
@@ -223,10 +220,21 @@ pub async fn delete_manifest(
             since: Instant::now(),
             pushed: None,
         };
-        // Failures are logged, counted and retried inside.
-        app.indexes.after_write(accepted).await;
+        // Failures are logged, counted, retried inside, and said.
+        for w in app.indexes.after_write(accepted).await {
+            add_warning(resp.headers_mut(), &w);
+        }
     }
     Ok(resp)
+}
+
+/// Says a merge that failed in a `Warning` (RFC 9111 §5.5, code 199
+/// "miscellaneous"); the write itself stands.
+fn add_warning(headers: &mut http::HeaderMap, text: &str) {
+    let text = format!("199 archmerge {:?}", text.replace('"', "'"));
+    if let Ok(v) = HeaderValue::from_str(&text) {
+        headers.append(header::WARNING, v);
+    }
 }
 
 /// Most of a refused body archmerge reads (and drops) before answering, and
