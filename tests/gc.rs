@@ -24,17 +24,6 @@ use std::process::Command;
 
 use support::*;
 
-const AMD64: ArchSpec = ArchSpec {
-    alias: "x86_64",
-    arch: "amd64",
-    variant: None,
-};
-const ARM64: ArchSpec = ArchSpec {
-    alias: "aarch64",
-    arch: "arm64",
-    variant: Some("v8"),
-};
-
 /// Pushes `spec`'s image (`seed` makes it unique) with skopeo through
 /// `proxy` to `image`; returns its manifest digest.
 fn push(proxy: &Archmerge, image: &str, spec: &ArchSpec, seed: u64) -> String {

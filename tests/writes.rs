@@ -54,32 +54,6 @@ const EXAMPLE_CONFIG: &str = "application/vnd.example.config.v1+json";
 /// The `artifactType` of the OCI 1.1 artifacts pushed here.
 const SBOM_TYPE: &str = "application/vnd.example.sbom.v1+json";
 
-const AMD64: ArchSpec = ArchSpec {
-    alias: "x86_64",
-    arch: "amd64",
-    variant: None,
-};
-const ARM64: ArchSpec = ArchSpec {
-    alias: "aarch64",
-    arch: "arm64",
-    variant: Some("v8"),
-};
-const S390X: ArchSpec = ArchSpec {
-    alias: "s390x",
-    arch: "s390x",
-    variant: None,
-};
-const PPC64LE: ArchSpec = ArchSpec {
-    alias: "ppc64le",
-    arch: "ppc64le",
-    variant: None,
-};
-const RISCV64: ArchSpec = ArchSpec {
-    alias: "riscv64",
-    arch: "riscv64",
-    variant: None,
-};
-
 // === the stack ===
 
 /// The stacks here run archmerge with a rules file (empty for the default

@@ -267,6 +267,18 @@ pub const EIGHT_ARCHES: [ArchSpec; 8] = [
     arch_spec("riscv64", "riscv64", None),
 ];
 
+/// The arches stories push most, under the alias table's first names
+/// (`x86_64_v1`, `aarch64_v1`, …).
+pub const AMD64: ArchSpec = EIGHT_ARCHES[0];
+/// arm64 (v8), alias `aarch64`.
+pub const ARM64: ArchSpec = EIGHT_ARCHES[1];
+/// ppc64le.
+pub const PPC64LE: ArchSpec = EIGHT_ARCHES[5];
+/// s390x.
+pub const S390X: ArchSpec = EIGHT_ARCHES[6];
+/// riscv64.
+pub const RISCV64: ArchSpec = EIGHT_ARCHES[7];
+
 /// (platform, digest) of every entry of an index or manifest list.
 pub fn index_entries(index: &Value) -> BTreeSet<(String, String)> {
     index["manifests"]
