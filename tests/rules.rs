@@ -640,25 +640,25 @@ async fn a_copy_the_registry_refuses_keeps_the_push_and_says_so_in_a_warning() {
     );
 }
 
-#[tokio::test]
-async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets() {
-    // The same token registry, where each CI job's token covers only its
-    // own per-arch repository: with `write_with = "archmerge"` on the rule,
-    // archmerge's own credentials (exchanged at the realm for a token per
-    // scope) copy the child into the target repository and write the index.
+/// A token registry whose realm issues archmerge's own identity
+/// (`archmerge-bot`) a token for any scope, and archmerge in front of it with
+/// those credentials and the `wg/*` repository-pattern rule plus `extra`.
+async fn with_own_credentials(
+    extra: &str,
+) -> (std::sync::Arc<TokenIssuer>, Realm, Registry, Archmerge) {
     let issuer = std::sync::Arc::new(TokenIssuer::new());
     let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-47", 300).await;
     let registry = spawn_registry_with(RegistryOpts {
         env: issuer.registry_env_with_realm(&realm.url()),
         ..RegistryOpts::default()
     });
+    let rules = format!(
+        "[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{{repo}}-{{arch}}\"]\n{extra}"
+    );
     let proxy = spawn_archmerge_with(
         &registry.url(),
         ArchmergeOpts {
-            config_toml: Some(
-                "[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{repo}-{arch}\"]\nwrite_with = \"archmerge\"\n"
-                    .to_owned(),
-            ),
+            config_toml: Some(rules),
             env: vec![
                 ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
                 ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-47".into()),
@@ -666,6 +666,17 @@ async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets()
             ..ArchmergeOpts::default()
         },
     );
+    (issuer, realm, registry, proxy)
+}
+
+#[tokio::test]
+async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets() {
+    // The same token registry, where each CI job's token covers only its
+    // own per-arch repository: with `write_with = "archmerge"` on the rule,
+    // archmerge's own credentials (exchanged at the realm for a token per
+    // scope) copy the child into the target repository and write the index.
+    let (issuer, realm, registry, proxy) =
+        with_own_credentials("write_with = \"archmerge\"\n").await;
     let (base, reg) = (proxy.url(), registry.url());
     let reader = http_bearer(&issuer.token(&[("wg/app", &["pull"])]));
 
@@ -726,26 +737,7 @@ async fn without_the_opt_in_archmerges_own_credentials_never_write_what_the_clie
     // retries), but the rule does not say `write_with = "archmerge"`: a
     // merge the registry refused for the client's token is not retried
     // with archmerge's own, so the target is never written for that client.
-    let issuer = std::sync::Arc::new(TokenIssuer::new());
-    let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-53", 300).await;
-    let registry = spawn_registry_with(RegistryOpts {
-        env: issuer.registry_env_with_realm(&realm.url()),
-        ..RegistryOpts::default()
-    });
-    let proxy = spawn_archmerge_with(
-        &registry.url(),
-        ArchmergeOpts {
-            config_toml: Some(
-                "[[rules]]\nrepositories = [\"wg/*\"]\nrepository_patterns = [\"{repo}-{arch}\"]\n"
-                    .to_owned(),
-            ),
-            env: vec![
-                ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
-                ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-53".into()),
-            ],
-            ..ArchmergeOpts::default()
-        },
-    );
+    let (issuer, realm, registry, proxy) = with_own_credentials("").await;
     let amd64_job = http_bearer(&issuer.token(&[("wg/app-amd64", &["pull", "push"])]));
     let (_, status, headers, body) = push_for_answer(
         &amd64_job,
