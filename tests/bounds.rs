@@ -1022,3 +1022,82 @@ async fn in_a_repository_of_2000_unrelated_tags_arch_pushes_stop_listing_it_and_
     .into();
     assert_eq!(stored_entries(&reg, repo, "v1").await, Ok(want));
 }
+
+// === 7. background retries carry archmerge's own credentials ===
+
+#[tokio::test]
+async fn a_merge_that_failed_transiently_is_retried_with_archmerges_own_credentials() {
+    // Guards: a client's bearer token expires within minutes, so background
+    // work must not depend on it. A token registry (its realm issues
+    // archmerge's own identity a token for any scope); a relay in front of
+    // it fails the index PUT of the first merge and its inline retries with
+    // 503. The retry in the background writes the index — with a token the
+    // realm issued to archmerge's own identity, not the CI job's (which the
+    // test minted itself and the realm never saw).
+    let issuer = std::sync::Arc::new(TokenIssuer::new());
+    let realm = Realm::start(issuer.clone(), "archmerge-bot", "bot-pass-61", 300).await;
+    let registry = spawn_registry_with(RegistryOpts {
+        env: issuer.registry_env_with_realm(&realm.url()),
+        ..RegistryOpts::default()
+    });
+    let relay = Relay::start(&registry.url());
+    // The first rebuild and its three inline retries.
+    relay.fail("PUT", "/v2/own/app/manifests/v1", 503, 4);
+    let proxy = spawn_archmerge_with(
+        &relay.url(),
+        ArchmergeOpts {
+            env: vec![
+                ("ARCHMERGE_UPSTREAM_USERNAME".into(), "archmerge-bot".into()),
+                ("ARCHMERGE_UPSTREAM_PASSWORD".into(), "bot-pass-61".into()),
+            ],
+            ..ArchmergeOpts::default()
+        },
+    );
+    let ci = http_bearer(&issuer.token(&[("own/app", &["pull", "push"])]));
+    let pushed = push_image(
+        &ci,
+        &proxy.url(),
+        "own/app",
+        "x86_64_v1",
+        &arch("x86_64").image(7100),
+    )
+    .await;
+    assert_eq!(
+        relay.failures_left(),
+        0,
+        "the first merge did not try the index PUT four times"
+    );
+    assert!(
+        realm.asked().is_empty(),
+        "nothing asked the realm before the retry: {:?}",
+        realm.asked()
+    );
+
+    let reader = http_bearer(&issuer.token(&[("own/app", &["pull"])]));
+    let written = eventually(Duration::from_secs(15), || {
+        let (reader, reg) = (reader.clone(), registry.url());
+        async move {
+            get_any_manifest(&reader, &reg, "own/app", "v1")
+                .await
+                .status
+                == 200
+        }
+    })
+    .await;
+    assert!(
+        written,
+        "the background retry never wrote own/app:v1:\n{}",
+        proxy.log_text()
+    );
+    let index = get_any_manifest(&reader, &registry.url(), "own/app", "v1").await;
+    let want: Entries = [("linux/amd64".to_owned(), pushed.digest.clone())].into();
+    assert_eq!(index.entries(), want, "{}", index.text());
+    assert!(
+        realm
+            .asked()
+            .iter()
+            .any(|s| s.contains("repository:own/app:") && s.contains("push")),
+        "the retry did not carry archmerge's own identity: {:?}",
+        realm.asked()
+    );
+}

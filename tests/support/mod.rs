@@ -28,6 +28,8 @@
 //!   log (one line per request, so a test counts what archmerge cost it),
 //!   archmerge's open file descriptors and their limit, its log without
 //!   colours ([`strip_ansi`]).
+//! - `relay` — [`Relay`]: a real registry behind a relay that fails the
+//!   requests a test names (a transient 503 on one manifest PUT).
 //! - `fake` — [`FakeUpstream`], a tiny deliberately scripted HTTP/1.1
 //!   server for answers a real registry cannot be told to give.
 //! - `token` — registry token auth: a throwaway token service whose tokens
@@ -64,6 +66,7 @@ mod manifest;
 mod observe;
 mod process;
 mod registry;
+mod relay;
 mod stack;
 mod token;
 mod tools;
@@ -96,6 +99,8 @@ pub use observe::*;
 pub use process::*;
 #[allow(unused_imports)]
 pub use registry::*;
+#[allow(unused_imports)]
+pub use relay::*;
 #[allow(unused_imports)]
 pub use stack::*;
 #[allow(unused_imports)]
