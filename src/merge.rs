@@ -517,8 +517,7 @@ impl Merger {
             displaced,
             ..
         } = self.plan(repo, target, snapshot, current, auth).await?;
-        let mut outcome = Outcome::Restored;
-        let (bytes, media_type, digest) = loop {
+        let (bytes, media_type, digest, outcome) = loop {
             match desired {
                 Desired::Nothing => return Ok((Outcome::Nothing, false)),
                 Desired::Delete => {
@@ -538,21 +537,18 @@ impl Merger {
                     return Ok((Outcome::Removed, true));
                 }
                 Desired::Index(b) => {
-                    if outcome != Outcome::Restored {
-                        // Kept entries of a base that is gone.
-                    } else if current_digest.is_none() {
-                        outcome = Outcome::Created;
-                    } else {
-                        outcome = Outcome::Written;
-                    }
-                    break (Bytes::from(b.bytes), b.media_type.to_owned(), b.digest);
+                    let outcome = match current_digest {
+                        None => Outcome::Created,
+                        Some(_) => Outcome::Written,
+                    };
+                    let bytes = Bytes::from(b.bytes);
+                    break (bytes, b.media_type.to_owned(), b.digest, outcome);
                 }
                 Desired::Restore { base, otherwise } => {
                     match self.upstream.get_manifest(repo, &base, auth).await? {
-                        Some(m) => break (m.bytes, m.media_type, m.digest),
+                        Some(m) => break (m.bytes, m.media_type, m.digest, Outcome::Restored),
                         None => {
                             tracing::warn!(repo, digest = %base, "the manifest this index amended is gone from the registry");
-                            outcome = Outcome::Written;
                             desired = *otherwise;
                         }
                     }
