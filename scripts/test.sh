@@ -93,9 +93,7 @@ docker_ok=0
 skip=()
 if timeout 30 docker info >/dev/null 2>&1; then
     docker_ok=1
-    export ARCHMERGE_DOCKER_TESTS=1
 else
-    unset ARCHMERGE_DOCKER_TESTS
     # The engine tests (tests/docker_engine.rs, and those of tests/deploy.rs)
     # are all named docker_engine_*: leave them out, so the counts say
     # "filtered out" instead of a pass that never ran.

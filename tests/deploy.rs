@@ -8,10 +8,9 @@
 //!   through `archmerge check-config`, and what the files must agree on
 //!   (ports, probes, Secret keys, the notification URL) is checked across
 //!   them.
-//! - `docker_engine_*` need a Docker engine and are gated as in
-//!   tests/docker_engine.rs (`ARCHMERGE_DOCKER_TESTS=1`, set by
-//!   scripts/test.sh when `docker info` works; with it set, a missing engine
-//!   is a failure). The engine pulls nothing: `scripts/docker-bases.sh` puts
+//! - `docker_engine_*` need a Docker engine and fail without one
+//!   ([`require_docker_engine`]); scripts/test.sh leaves them out by name
+//!   when `docker info` fails, and says so loudly. The engine pulls nothing: `scripts/docker-bases.sh` puts
 //!   local stand-ins under the base image names the Dockerfile and the
 //!   compose file use (when they are missing), and the image is built from
 //!   the Dockerfile users get. The compose stack is started as the file
@@ -296,27 +295,6 @@ fn kubernetes_manifests_agree_on_ports_probes_secrets_and_the_webhook() {
 }
 
 // === docker engine ===
-
-/// Whether this run includes the engine tests; panics when it was asked
-/// for and no engine answers.
-fn engine_suite() -> bool {
-    match std::env::var("ARCHMERGE_DOCKER_TESTS").as_deref() {
-        Ok("1") => {
-            assert!(
-                docker_available(),
-                "ARCHMERGE_DOCKER_TESTS=1 but `docker info` fails: no Docker engine answers"
-            );
-            true
-        }
-        _ => {
-            eprintln!(
-                "NOT RUN: docker engine tests of tests/deploy.rs — ARCHMERGE_DOCKER_TESTS \
-                 is not 1 (scripts/test.sh sets it when `docker info` works)"
-            );
-            false
-        }
-    }
-}
 
 fn nonce() -> String {
     let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
@@ -615,9 +593,7 @@ impl Drop for ComposeStack {
 
 #[test]
 fn docker_engine_image_is_small_stripped_non_root_with_a_healthcheck() {
-    if !engine_suite() {
-        return;
-    }
+    require_docker_engine();
     let image = build_image();
     let config: Value = serde_json::from_str(&text(&docker(&[
         "image",
@@ -677,9 +653,7 @@ fn docker_engine_image_is_small_stripped_non_root_with_a_healthcheck() {
 
 #[test]
 fn docker_engine_compose_stack_pushes_pulls_merges_webhook_pushes_and_reports() {
-    if !engine_suite() {
-        return;
-    }
+    require_docker_engine();
     let image = build_image();
     let mut s = ComposeStack::up(&image);
     let project = s.project.clone();
@@ -842,9 +816,7 @@ impl Drop for Made {
 /// POST /events refuses a caller without the token.
 #[test]
 fn docker_engine_kubernetes_container_runs_as_the_deployment_says() {
-    if !engine_suite() {
-        return;
-    }
+    require_docker_engine();
     let image = build_image();
     let docs = yaml_documents(&k8s_file("archmerge.yaml"));
     let secret_docs = yaml_documents(&k8s_file("secret.example.yaml"));

@@ -7,11 +7,10 @@
 //! the host's network, so `127.0.0.1:PORT` is archmerge, and loopback is an
 //! insecure registry by default (plain HTTP, no daemon configuration).
 //!
-//! Gated on `ARCHMERGE_DOCKER_TESTS=1`, which scripts/test.sh sets only when
-//! `docker info` works (and otherwise leaves these tests out by name, prints
-//! a loud NOT RUN banner and fails unless told it may). With the variable
-//! set, a missing engine is a failure, never a skip. Every test here is named
-//! `docker_engine_*` for that filter.
+//! Each test fails without an engine ([`require_docker_engine`]), never
+//! passes unrun. scripts/test.sh leaves them out by name when `docker info`
+//! fails, prints a loud NOT RUN banner and fails unless told it may; every
+//! test here is named `docker_engine_*` for that filter.
 
 mod support;
 
@@ -19,27 +18,6 @@ use std::fs;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use support::*;
-
-/// Whether this run includes the engine suite; panics when it was asked
-/// for and no engine answers.
-fn engine_suite() -> bool {
-    match std::env::var("ARCHMERGE_DOCKER_TESTS").as_deref() {
-        Ok("1") => {
-            assert!(
-                docker_available(),
-                "ARCHMERGE_DOCKER_TESTS=1 but `docker info` fails: no Docker engine answers"
-            );
-            true
-        }
-        _ => {
-            eprintln!(
-                "NOT RUN: docker engine suite (tests/docker_engine.rs) — \
-                 ARCHMERGE_DOCKER_TESTS is not 1 (scripts/test.sh sets it when `docker info` works)"
-            );
-            false
-        }
-    }
-}
 
 /// Local image references and containers this test made; removed on drop
 /// so the engine's store ends as it started.
@@ -125,9 +103,7 @@ fn arch_file(local: &mut Local, image: &str) -> String {
 
 #[test]
 fn docker_engine_push_of_a_plain_tag_then_pull_by_digest() {
-    if !engine_suite() {
-        return;
-    }
+    require_docker_engine();
     let s = Stack::new();
     let mut local = Local::default();
     let repo = format!("{}/engine/plain", s.proxy.host());
@@ -152,9 +128,7 @@ fn docker_engine_push_of_a_plain_tag_then_pull_by_digest() {
 /// each platform gets that platform's image.
 #[test]
 fn docker_engine_pull_platform_gets_the_image_pushed_for_that_arch() {
-    if !engine_suite() {
-        return;
-    }
+    require_docker_engine();
     let s = Stack::new();
     let mut local = Local::default();
     let repo = format!("{}/engine/app", s.proxy.host());

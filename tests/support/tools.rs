@@ -261,6 +261,19 @@ pub fn skopeo_pull(image: &str, platform: Option<(&str, &str, Option<&str>)>) ->
 
 // === docker ===
 
+/// Panics unless a Docker engine answers, for a test that drives one.
+/// `scripts/test.sh` leaves the `docker_engine_*` tests out by name when no
+/// engine answers, and says NOT RUN loudly; run any other way, such a test
+/// fails without an engine instead of passing unrun.
+pub fn require_docker_engine() {
+    assert!(
+        docker_available(),
+        "no Docker engine answers (`docker info` fails), and this test drives one; \
+         scripts/test.sh leaves the docker_engine_* tests out by name then and reports \
+         them as NOT RUN"
+    );
+}
+
 /// True when a Docker engine answers (`docker info` succeeds in 20 s).
 pub fn docker_available() -> bool {
     let out = Command::new("docker")
