@@ -15,67 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use reqwest::header::CONTENT_TYPE;
-
 use support::*;
-
-/// Pushes an image as `docker push` does: HEAD each blob, upload the ones
-/// the registry lacks (POST, then PUT with the digest), PUT the manifest.
-/// Any answer a client would fail on is an error.
-async fn push_like_docker(
-    c: &reqwest::Client,
-    base: &str,
-    repo: &str,
-    tag: &str,
-    spec: &ImageSpec,
-) -> Result<(), String> {
-    let built = build_oci_layout(spec, tag);
-    for d in built.blob_digests() {
-        let head = c
-            .head(format!("{base}/v2/{repo}/blobs/{d}"))
-            .send()
-            .await
-            .map_err(|e| format!("HEAD blob: {e}"))?;
-        match head.status().as_u16() {
-            200 => continue,
-            404 => {}
-            s => return Err(format!("HEAD blob {d}: {s}")),
-        }
-        let blob = std::fs::read(built.blob_path(&d)).map_err(|e| e.to_string())?;
-        let res = c
-            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
-            .send()
-            .await
-            .map_err(|e| format!("POST upload: {e}"))?;
-        if res.status() != 202 {
-            return Err(format!("POST upload: {}", res.status()));
-        }
-        let at = location(&res);
-        let res = c
-            .put(with_digest(&at, &d))
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .body(blob)
-            .send()
-            .await
-            .map_err(|e| format!("PUT blob: {e}"))?;
-        if res.status() != 201 {
-            return Err(format!("PUT blob: {}", res.status()));
-        }
-    }
-    let res = c
-        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
-        .header(CONTENT_TYPE, media::OCI_MANIFEST)
-        .body(built.manifest.clone())
-        .send()
-        .await
-        .map_err(|e| format!("PUT manifest: {e}"))?;
-    let status = res.status();
-    let body = res.text().await.unwrap_or_default();
-    if status != 201 {
-        return Err(format!("PUT manifest {tag}: {status} {body}"));
-    }
-    Ok(())
-}
 
 fn setting(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -153,7 +93,10 @@ async fn stress_shared_layers_no_push_through_archmerge_fails() {
                 ] {
                     let (base, spec, tag) = (base.clone(), spec.clone(), tag.clone());
                     tasks.push(tokio::spawn(async move {
-                        let r = push_like_docker(&http(), &base, repo, &tag, &spec).await;
+                        // As `docker push` does: HEAD each blob, upload what is missing.
+                        let r = try_push(&base, repo, &tag, &spec, true)
+                            .await
+                            .map_err(|e| e.to_string());
                         (through, tag, r)
                     }));
                 }

@@ -172,6 +172,125 @@ pub struct PushedImage {
     pub digest: String,
 }
 
+/// A push a client made that the registry took: what it stored, and
+/// archmerge's `Warning` when its merge failed (the push stands).
+#[derive(Clone, Debug)]
+pub struct TriedPush {
+    /// The pushed manifest's digest.
+    pub digest: String,
+    /// archmerge's `Warning` header, if any.
+    pub warning: Option<String>,
+}
+
+/// Where a client's push stopped: the step, and the registry's (or
+/// archmerge's) status and `Retry-After` when it answered at all.
+#[derive(Clone, Debug)]
+pub struct PushFailure {
+    /// `HEAD blob`, `POST upload`, `PUT blob` or `PUT manifest`.
+    pub step: &'static str,
+    /// The status answered, `None` when the request itself failed.
+    pub status: Option<u16>,
+    /// The answer's `Retry-After`.
+    pub retry_after: Option<String>,
+    /// The transport error, or the answer's body.
+    pub detail: String,
+}
+
+impl std::fmt::Display for PushFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.status, &self.retry_after) {
+            (Some(s), Some(after)) => {
+                write!(f, "{}: {s}, Retry-After {after} {}", self.step, self.detail)
+            }
+            (Some(s), None) => write!(f, "{}: {s} {}", self.step, self.detail),
+            (None, _) => write!(f, "{}: {}", self.step, self.detail),
+        }
+    }
+}
+
+/// One push of `spec`'s image at `repo:tag` through `base`, as a CI job's
+/// client makes it (config and layer blobs, then the manifest), reporting
+/// where it stopped instead of panicking: load and fault tests want to
+/// count failures. With `head_first`, each blob is HEADed first and only
+/// the missing ones are uploaded, as `docker push` does.
+pub async fn try_push(
+    base: &str,
+    repo: &str,
+    tag: &str,
+    spec: &ImageSpec,
+    head_first: bool,
+) -> Result<TriedPush, PushFailure> {
+    let c = super::http();
+    let built = build_oci_layout(spec, tag);
+    let failed = |step: &'static str, res: &reqwest::Response, detail: String| PushFailure {
+        step,
+        status: Some(res.status().as_u16()),
+        retry_after: super::header(res, "retry-after"),
+        detail,
+    };
+    let broke = |step: &'static str, e: reqwest::Error| PushFailure {
+        step,
+        status: None,
+        retry_after: None,
+        detail: e.to_string(),
+    };
+    for d in built.blob_digests() {
+        if head_first {
+            let url = format!("{base}/v2/{repo}/blobs/{d}");
+            let res = c
+                .head(url)
+                .send()
+                .await
+                .map_err(|e| broke("HEAD blob", e))?;
+            match res.status().as_u16() {
+                200 => continue,
+                404 => {}
+                _ => return Err(failed("HEAD blob", &res, d.clone())),
+            }
+        }
+        let blob = std::fs::read(built.blob_path(&d)).expect("reading a built blob");
+        let res = c
+            .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+            .send()
+            .await
+            .map_err(|e| broke("POST upload", e))?;
+        if res.status() != 202 {
+            return Err(failed("POST upload", &res, String::new()));
+        }
+        let at = super::location(&res);
+        let res = c
+            .put(super::with_digest(&at, &d))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(blob)
+            .send()
+            .await
+            .map_err(|e| broke("PUT blob", e))?;
+        if res.status() != 201 {
+            return Err(failed("PUT blob", &res, String::new()));
+        }
+    }
+    let res = c
+        .put(format!("{base}/v2/{repo}/manifests/{tag}"))
+        .header(reqwest::header::CONTENT_TYPE, media::OCI_MANIFEST)
+        .body(built.manifest.clone())
+        .send()
+        .await
+        .map_err(|e| broke("PUT manifest", e))?;
+    if res.status() != 201 {
+        let head = failed("PUT manifest", &res, String::new());
+        let body = res.text().await.unwrap_or_default();
+        return Err(PushFailure {
+            detail: format!("{tag}: {body}"),
+            ..head
+        });
+    }
+    let warning = super::header(&res, "warning");
+    Ok(TriedPush {
+        digest: built.manifest_digest.clone(),
+        warning,
+    })
+}
+
 /// Pushes the image of `spec` (config, layers, OCI manifest) to `base` at
 /// `repo:tag` over raw HTTP, as `client` (and its credentials); panics
 /// unless every step succeeds.
