@@ -430,38 +430,13 @@ fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// `docker build --platform <platform> -t <tag>` of a scratch image whose
-/// `/arch.txt` holds `content` (the engine pulls nothing).
-fn build_scratch(platform: &str, tag: &str, content: &str) {
-    let ctx = tempfile::tempdir().unwrap();
-    fs::write(ctx.path().join("arch.txt"), content).unwrap();
-    fs::write(
-        ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY arch.txt /arch.txt\nCMD [\"/arch.txt\"]\n",
-    )
-    .unwrap();
-    docker(&[
-        "build",
-        "--platform",
-        platform,
-        "-t",
-        tag,
-        ctx.path().to_str().unwrap(),
-    ]);
-}
-
 /// The content of `/arch.txt` in a local image, read without running it.
 fn arch_file(image: &str) -> String {
     let id = text(&docker(&["create", image]));
     let tar = docker_output(&["cp", &format!("{id}:/arch.txt"), "-"]);
     let _ = docker_output(&["rm", "-f", &id]);
     expect_success("docker cp", &tar);
-    let tar = tar.stdout;
-    assert!(tar.len() >= 512, "docker cp gave no tar");
-    let size_field = String::from_utf8_lossy(&tar[124..136]);
-    let size = usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
-        .expect("tar size field");
-    String::from_utf8_lossy(&tar[512..512 + size]).into_owned()
+    first_file_of_tar(&tar.stdout)
 }
 
 /// The compose tool: `docker compose` (v2) when the plugin is there, else

@@ -14,7 +14,6 @@
 
 mod support;
 
-use std::fs;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use support::*;
@@ -44,25 +43,10 @@ fn nonce() -> String {
     format!("{}-{}", std::process::id(), t.as_nanos())
 }
 
-/// `docker build --platform <platform> -t <tag>` of a scratch image whose
-/// `/arch.txt` holds `content`.
+/// Support's [`build_scratch`], the image removed when the test ends.
 fn build(local: &mut Local, platform: &str, tag: &str, content: &str) {
-    let ctx = tempfile::tempdir().unwrap();
-    fs::write(ctx.path().join("arch.txt"), content).unwrap();
-    fs::write(
-        ctx.path().join("Dockerfile"),
-        "FROM scratch\nCOPY arch.txt /arch.txt\nCMD [\"/arch.txt\"]\n",
-    )
-    .unwrap();
     local.images.push(tag.to_owned());
-    docker(&[
-        "build",
-        "--platform",
-        platform,
-        "-t",
-        tag,
-        ctx.path().to_str().unwrap(),
-    ]);
+    build_scratch(platform, tag, content);
 }
 
 /// `docker push`; returns the manifest digest docker reports.
@@ -93,12 +77,7 @@ fn arch_file(local: &mut Local, image: &str) -> String {
     let out = docker(&["create", image]);
     let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     local.containers.push(id.clone());
-    let tar = docker(&["cp", &format!("{id}:/arch.txt"), "-"]).stdout;
-    assert!(tar.len() >= 512, "docker cp gave no tar");
-    let size_field = String::from_utf8_lossy(&tar[124..136]);
-    let size = usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
-        .expect("tar size field");
-    String::from_utf8_lossy(&tar[512..512 + size]).into_owned()
+    first_file_of_tar(&docker(&["cp", &format!("{id}:/arch.txt"), "-"]).stdout)
 }
 
 #[test]

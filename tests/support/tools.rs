@@ -261,6 +261,36 @@ pub fn skopeo_pull(image: &str, platform: Option<(&str, &str, Option<&str>)>) ->
 
 // === docker ===
 
+/// `docker build --platform <platform> -t <tag>` of a scratch image whose
+/// `/arch.txt` holds `content` (the engine pulls nothing for it).
+pub fn build_scratch(platform: &str, tag: &str, content: &str) {
+    let ctx = tempfile::tempdir().unwrap();
+    std::fs::write(ctx.path().join("arch.txt"), content).unwrap();
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        "FROM scratch\nCOPY arch.txt /arch.txt\nCMD [\"/arch.txt\"]\n",
+    )
+    .unwrap();
+    docker(&[
+        "build",
+        "--platform",
+        platform,
+        "-t",
+        tag,
+        ctx.path().to_str().unwrap(),
+    ]);
+}
+
+/// The content of the first file of a tar stream (what `docker cp
+/// CONTAINER:FILE -` writes).
+pub fn first_file_of_tar(tar: &[u8]) -> String {
+    assert!(tar.len() >= 512, "docker cp gave no tar");
+    let size_field = String::from_utf8_lossy(&tar[124..136]);
+    let size = usize::from_str_radix(size_field.trim_matches(|c: char| c == '\0' || c == ' '), 8)
+        .expect("tar size field");
+    String::from_utf8_lossy(&tar[512..512 + size]).into_owned()
+}
+
 /// Panics unless a Docker engine answers, for a test that drives one.
 /// `scripts/test.sh` leaves the `docker_engine_*` tests out by name when no
 /// engine answers, and says NOT RUN loudly; run any other way, such a test
