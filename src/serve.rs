@@ -174,21 +174,8 @@ impl Aggregates {
             return Ok(a.served);
         }
         self.metrics.cache_misses.get_or_create(&labels).inc();
-        let load = self.load_target(repo, target, auth);
-        match self.by_target.try_get_with(key.clone(), load).await {
-            Ok(a) => Ok(a.served),
-            Err(f) if f.by == auth.fingerprint() => Err(f.error.clone()),
-            // Another identity's failure: load with this caller's own
-            // credentials (and share the result if it works).
-            Err(_) => {
-                let a = self
-                    .load_target(repo, target, auth)
-                    .await
-                    .map_err(|f| f.error)?;
-                self.by_target.insert(key, a.clone()).await;
-                Ok(a.served)
-            }
-        }
+        let load = || self.load_target(repo, target, auth);
+        Ok(load_once(&self.by_target, key, auth, load).await?.served)
     }
 
     async fn load_target(
@@ -248,16 +235,10 @@ impl Aggregates {
         {
             return Some(s);
         }
-        let search = self.search(repo, auth);
-        let found = match self.searched.try_get_with(repo.to_owned(), search).await {
-            Ok(s) => s,
-            Err(f) if f.by == auth.fingerprint() => return None,
-            Err(_) => {
-                let s = self.search(repo, auth).await.ok()?;
-                self.searched.insert(repo.to_owned(), s.clone()).await;
-                s
-            }
-        };
+        let search = || self.search(repo, auth);
+        let found = load_once(&self.searched, repo.to_owned(), auth, search)
+            .await
+            .ok()?;
         found.by_digest.get(digest).cloned()
     }
 
@@ -287,6 +268,32 @@ impl Aggregates {
             loaded_from,
             took: loaded_from.elapsed(),
         })
+    }
+}
+
+/// `key` from `cache`, loaded once however many callers wait for it (moka's
+/// single flight) and shared when the load succeeds. A failure is only the
+/// loader's answer ([`Failed`]): a caller with other credentials loads for
+/// itself, and shares that result if it works.
+async fn load_once<K, V, F>(
+    cache: &Cache<K, V>,
+    key: K,
+    auth: &Auth,
+    load: impl Fn() -> F,
+) -> Result<V, MergeError>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    F: std::future::Future<Output = Result<V, Failed>>,
+{
+    match cache.try_get_with(key.clone(), load()).await {
+        Ok(v) => Ok(v),
+        Err(f) if f.by == auth.fingerprint() => Err(f.error.clone()),
+        Err(_) => {
+            let v = load().await.map_err(|f| f.error)?;
+            cache.insert(key, v.clone()).await;
+            Ok(v)
+        }
     }
 }
 
