@@ -64,6 +64,40 @@ impl Backoff {
     pub async fn wait(&mut self) {
         tokio::time::sleep(self.next_delay()).await;
     }
+
+    /// The registry's quick hiccups (a 5xx while it is still writing what
+    /// another request asked about): `attempt` (given its try's number, from
+    /// 0), tried again after each delay while `transient` says so of its
+    /// error, at most `retries` more times.
+    pub async fn retry<T, E, F>(
+        mut self,
+        retries: usize,
+        transient: impl Fn(&E) -> bool,
+        mut attempt: impl FnMut(usize) -> F,
+    ) -> Result<T, E>
+    where
+        F: Future<Output = Result<T, E>>,
+    {
+        let mut tried = 0;
+        loop {
+            match attempt(tried).await {
+                Err(e) if tried < retries && transient(&e) => {
+                    tried += 1;
+                    self.wait().await;
+                }
+                done => return done,
+            }
+        }
+    }
+
+    /// What the merge waits out inline: three more tries, 20, 100 and
+    /// 400 ms apart.
+    pub fn hiccup() -> (Backoff, usize) {
+        (
+            Backoff::new(Duration::from_millis(20), 5, Duration::from_millis(400)),
+            3,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -105,6 +139,49 @@ mod tests {
         });
         assert_eq!(try_all(jobs).await, Err(3));
         assert!(started.load(Ordering::SeqCst) <= 3 + FAN_OUT);
+    }
+
+    #[tokio::test]
+    async fn retry_tries_again_only_what_is_transient_and_only_so_often() {
+        let tries = AtomicUsize::new(0);
+        let quick = || Backoff::new(Duration::ZERO, 1, Duration::ZERO);
+        let r: Result<(), &str> = quick()
+            .retry(
+                3,
+                |e| *e == "hiccup",
+                |_| async {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    Err("hiccup")
+                },
+            )
+            .await;
+        assert_eq!((r, tries.load(Ordering::SeqCst)), (Err("hiccup"), 4));
+        let r: Result<usize, &str> = quick()
+            .retry(
+                3,
+                |e| *e == "hiccup",
+                |n| async move {
+                    if n == 0 {
+                        Err("hiccup")
+                    } else {
+                        Ok(n)
+                    }
+                },
+            )
+            .await;
+        assert_eq!(r, Ok(1));
+        tries.store(0, Ordering::SeqCst);
+        let r: Result<(), &str> = quick()
+            .retry(
+                3,
+                |e| *e == "hiccup",
+                |_| async {
+                    tries.fetch_add(1, Ordering::SeqCst);
+                    Err("refused")
+                },
+            )
+            .await;
+        assert_eq!((r, tries.load(Ordering::SeqCst)), (Err("refused"), 1));
     }
 
     #[test]

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use dashmap::DashMap;
@@ -391,19 +391,13 @@ impl Merger {
         tag: &str,
         auth: &Auth,
     ) -> Result<Option<String>, UpstreamError> {
-        let mut backoff = Backoff::new(Duration::from_millis(20), 5, Duration::from_millis(400));
-        let mut tries = 0;
-        loop {
-            match self.upstream.head_manifest(repo, tag, auth).await {
-                Err(UpstreamError::Status { status, .. })
-                    if status.is_server_error() && tries < 3 =>
-                {
-                    tries += 1;
-                    backoff.wait().await;
-                }
-                other => return other,
-            }
-        }
+        let (backoff, retries) = Backoff::hiccup();
+        let transient = |e: &UpstreamError| matches!(e, UpstreamError::Status { status, .. } if status.is_server_error());
+        backoff
+            .retry(retries, transient, |_| {
+                self.upstream.head_manifest(repo, tag, auth)
+            })
+            .await
     }
 
     /// Rebuild under the target's lock, until a snapshot taken after the
@@ -425,21 +419,17 @@ impl Merger {
                 Ok(Outcome::Coalesced)
             } else {
                 let started = Instant::now();
-                let mut r = self.rebuild_until_stable(repo, target, auth, pushed).await;
                 // distribution answers a HEAD of a tag it is still writing
                 // with a 500; such a hiccup is retried at once, so the push
-                // waiting on this merge still returns with its index.
-                let mut backoff =
-                    Backoff::new(Duration::from_millis(20), 5, Duration::from_millis(400));
-                for _ in 0..3 {
-                    match &r {
-                        Err(e) if e.is_transient() => {
-                            backoff.wait().await;
-                            r = self.rebuild_until_stable(repo, target, auth, None).await;
-                        }
-                        _ => break,
-                    }
-                }
+                // waiting on this merge still returns with its index (only
+                // the first try may trust the pushed manifest).
+                let (backoff, retries) = Backoff::hiccup();
+                let r = backoff
+                    .retry(retries, MergeError::is_transient, |n| {
+                        let pushed = pushed.filter(|_| n == 0);
+                        self.rebuild_until_stable(repo, target, auth, pushed)
+                    })
+                    .await;
                 if r.is_ok() {
                     *converged = Some(started);
                 }
