@@ -84,7 +84,7 @@ impl Listener {
         // all are dropped) the sign that every connection has ended.
         let (stop, _) = watch::channel(false);
         let limit = this.max_connections.map(|n| Arc::new(Semaphore::new(n)));
-        let refusal = Arc::new(Refusal::new(this.tls.clone()));
+        let refusal = Arc::new(Refusal::new(this.tls.clone(), this.header_read));
         tokio::pin!(shutdown);
         loop {
             let (stream, addr) = tokio::select! {
@@ -289,7 +289,9 @@ impl http_body::Body for Busy {
 
 // === refusing past the limit ===
 
-/// How long a refused connection may take, TLS handshake included.
+/// Longest a refused connection may take, TLS handshake included (and
+/// never longer than the header timeout: a refused client gets no more time
+/// to speak than a served one).
 const REFUSAL_TIME: Duration = Duration::from_secs(5);
 
 /// Most refusals in flight: a refusal costs a task and, on TLS, a
@@ -304,21 +306,25 @@ struct Refusal {
     tls: Option<TlsAcceptor>,
     builder: Builder<TokioExecutor>,
     in_flight: Arc<Semaphore>,
+    /// The bound on the whole refusal.
+    time: Duration,
 }
 
 impl Refusal {
-    fn new(tls: Option<TlsAcceptor>) -> Refusal {
+    fn new(tls: Option<TlsAcceptor>, header_read: Duration) -> Refusal {
+        let time = header_read.min(REFUSAL_TIME);
         let mut builder = Builder::new(TokioExecutor::new());
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(REFUSAL_TIME)
+            .header_read_timeout(time)
             .keep_alive(false);
         builder.http2().timer(TokioTimer::new());
         Refusal {
             tls,
             builder,
             in_flight: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            time,
         }
     }
 
@@ -327,7 +333,7 @@ impl Refusal {
         let Ok(_permit) = self.in_flight.try_acquire() else {
             return;
         };
-        let _ = tokio::time::timeout(REFUSAL_TIME, async {
+        let _ = tokio::time::timeout(self.time, async {
             let stream = match &self.tls {
                 None => Stream::Plain(stream),
                 Some(acceptor) => match acceptor.accept(stream).await {

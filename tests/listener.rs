@@ -426,6 +426,38 @@ async fn idle_keep_alive_http11_connections_are_closed_after_idle_secs_and_free_
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_the_limit_that_says_nothing_is_dropped_within_header_read_secs() {
+    // A refused connection is cheaper than a served one, but it still
+    // holds a task and a file descriptor: it gets no longer to speak than
+    // a connection within the limit.
+    let registry = spawn_registry();
+    let proxy = spawn_limited(&registry, 1, "[timeouts]\nheader_read_secs = 1\n");
+    let port = proxy.port();
+    served_within(port, Duration::from_secs(5))
+        .await
+        .expect("archmerge never served a first client");
+
+    let mut holder = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    holder
+        .write_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    holder.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200", "the holding client was not served");
+
+    // The one slot is held by a keep-alive connection: the next is refused.
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let closed = closed_within(&mut silent, started, Duration::from_secs(6)).await;
+    assert!(
+        closed.is_some_and(|d| d < Duration::from_secs(3)),
+        "a refused client that sent nothing was held {closed:?} (header_read_secs = 1)"
+    );
+    drop(holder);
+}
+
 /// `POST /v2/<repo>/blobs/uploads/` on its own connection: the upload's
 /// `Location`.
 fn start_upload(port: u16, repo: &str) -> String {
