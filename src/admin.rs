@@ -61,6 +61,7 @@ pub async fn run(
         max_connections: None,
         idle: app.config.timeouts.idle,
         body_progress: app.config.timeouts.body_progress,
+        zero_copy: false,
     };
     let handler = move |req, _: Peer| {
         let (app, queue) = (app.clone(), queue.clone());

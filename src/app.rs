@@ -34,6 +34,8 @@ pub struct App {
     /// bodies are read whole before the registry authenticates the client,
     /// so what all of them may pin together is bounded.
     pub(crate) manifest_budget: Arc<tokio::sync::Semaphore>,
+    /// archmerge's own registry connections for zero-copy blob downloads.
+    pub(crate) downloads: crate::splice::Downloads,
 }
 
 impl App {
@@ -60,6 +62,7 @@ impl App {
         let kib = (config.manifest_buffer_bytes / 1024) as usize;
         Ok(Arc::new(App {
             manifest_budget: Arc::new(tokio::sync::Semaphore::new(kib)),
+            downloads: crate::splice::Downloads::new(&config, metrics.clone()),
             config,
             upstream,
             merger,

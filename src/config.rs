@@ -94,6 +94,7 @@ struct RawConfig {
     log_format: Option<S>,
     max_connections: Option<Spanned<usize>>,
     manifest_buffer_mib: Option<Spanned<u64>>,
+    zero_copy_downloads: Option<bool>,
     #[serde(default)]
     upstream_auth: RawUpstreamAuth,
     #[serde(default)]
@@ -260,6 +261,9 @@ pub struct Config {
     /// authenticates the client; this bounds what unauthenticated clients
     /// can pin.
     pub manifest_buffer_bytes: u64,
+    /// Whether blob downloads from a plaintext registry to a plaintext
+    /// HTTP/1.1 client are spliced (`crate::splice`) instead of copied.
+    pub zero_copy_downloads: bool,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Caches.
@@ -615,6 +619,7 @@ impl<'a> Check<'a> {
                 log_format,
                 max_connections,
                 manifest_buffer_bytes,
+                zero_copy_downloads: raw.zero_copy_downloads.unwrap_or(true),
                 timeouts,
                 cache,
                 merge: MergeConfig { rules },

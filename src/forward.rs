@@ -214,6 +214,17 @@ pub fn downstream_response(
     Response::from_parts(parts, body::stream(incoming))
 }
 
+/// [`downstream_response`] for a body archmerge reads itself.
+pub fn downstream_body(
+    resp: Response<Body>,
+    upstream: &Upstream,
+    client: &ClientSide,
+) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    downstream_parts(&mut parts, upstream, client);
+    Response::from_parts(parts, body)
+}
+
 /// The header half of [`downstream_response`], for a body archmerge
 /// buffered itself.
 pub fn downstream_parts(parts: &mut response::Parts, upstream: &Upstream, client: &ClientSide) {

@@ -20,6 +20,8 @@
 //!   graceful shutdown.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
+//! - `splice` — zero-copy blob downloads: on plaintext HTTP/1.1, a blob's
+//!   body moves from the registry's socket to the client's by `splice(2)`.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then ask the rules what
 //!   the write touches and bring those targets up to date.
 //! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.
@@ -48,9 +50,6 @@
 //! - [`oci`] — pure: name/tag/digest grammar, OCI error codes and body.
 //! - [`error`] — the request-boundary error and its response.
 //! - [`body`] — the one body type for streamed and buffered bodies.
-//! - `listener` — the one accept loop and connection path of the client and
-//!   admin listeners: TLS, connection limit, first-bytes and idle timeouts,
-//!   graceful shutdown.
 //! - [`metrics`] — Prometheus families.
 //! - [`tls`] — rustls on the listener and towards an https registry.
 //!
@@ -100,5 +99,6 @@ pub mod route;
 pub mod rules;
 pub(crate) mod serve;
 pub mod server;
+pub(crate) mod splice;
 pub(crate) mod tls;
 pub(crate) mod upstream;

@@ -33,6 +33,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Body, BoxError, ClientBody};
+use crate::splice::{self, Downlink};
 
 /// How long in-flight requests may run after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -63,6 +64,9 @@ pub(crate) struct Listener {
     pub(crate) idle: Duration,
     /// A request body that sends nothing this long while it is read fails.
     pub(crate) body_progress: Duration,
+    /// Whether plaintext HTTP/1.1 connections may splice blob bodies
+    /// ([`crate::splice`]): each request of one carries its [`Downlink`].
+    pub(crate) zero_copy: bool,
 }
 
 impl Listener {
@@ -171,17 +175,24 @@ impl Listener {
         };
         // After the handshake, as on a plain connection: nothing bounds the
         // protocol detection but this.
-        let Some(conn) = first_bytes(stream, self.header_read).await else {
+        let Some(mut conn) = first_bytes(stream, self.header_read).await else {
             tracing::debug!(peer = %addr, "no request within the header timeout");
             return;
         };
+        if self.zero_copy && matches!(conn.stream, Stream::Plain(_)) && conn.prefix != PREFACE {
+            conn.downlink = Some(Arc::default());
+        }
+        let downlink = conn.downlink.clone();
         let activity = Arc::new(Activity::default());
         let body_progress = self.body_progress;
         let service = service_fn({
             let activity = activity.clone();
             move |req: Request<Incoming>| {
                 let busy = activity.begin();
-                let req = req.map(|b| ClientBody::new(b, body_progress));
+                let mut req = req.map(|b| ClientBody::new(b, body_progress));
+                if let Some(link) = &downlink {
+                    req.extensions_mut().insert(link.clone());
+                }
                 let answer = handler(req, peer);
                 async move {
                     let resp = answer.await;
@@ -387,6 +398,9 @@ fn too_many_connections() -> Response<Body> {
 
 // === first bytes ===
 
+/// What an HTTP/2 connection starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
 /// Reads, bounded by the header timeout, until the client has sent enough
 /// to tell HTTP/1 from HTTP/2, and hands those bytes back in front of the
 /// stream: the protocol detection reads before hyper's own header timeout
@@ -394,7 +408,6 @@ fn too_many_connections() -> Response<Body> {
 /// would otherwise hold its connection forever. `None`: the client closed
 /// or the time ran out.
 async fn first_bytes(mut stream: Stream, limit: Duration) -> Option<Conn> {
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let wait = async {
         let mut buf = [0u8; PREFACE.len()];
         let mut seen = 0;
@@ -426,11 +439,36 @@ enum Stream {
 struct Conn {
     prefix: Bytes,
     stream: Stream,
+    /// Where placeholder bytes come from, on a connection that splices.
+    downlink: Option<Arc<Downlink>>,
 }
 
 impl Conn {
     fn new(prefix: Bytes, stream: Stream) -> Conn {
-        Conn { prefix, stream }
+        Conn {
+            prefix,
+            stream,
+            downlink: None,
+        }
+    }
+
+    /// Splices in place of a placeholder `hyper` writes; `None` when `buf`
+    /// is real bytes. A placeholder on a connection that does not splice
+    /// fails it: its zeros are never sent.
+    fn poll_placeholder(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Option<Poll<io::Result<usize>>> {
+        if !splice::is_placeholder(buf) {
+            return None;
+        }
+        Some(match (&self.downlink, &self.stream) {
+            (Some(link), Stream::Plain(tcp)) => link.poll_splice(cx, tcp, buf.len()),
+            _ => Poll::Ready(Err(io::Error::other(
+                "a placeholder reached a connection that does not splice",
+            ))),
+        })
     }
 }
 
@@ -515,15 +553,31 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, data)
+        let this = self.get_mut();
+        if let Some(spliced) = this.poll_placeholder(cx, data) {
+            return spliced;
+        }
+        Pin::new(&mut this.stream).poll_write(cx, data)
     }
 
+    /// Real bytes up to the first placeholder go out as one write; a
+    /// placeholder at the front is spliced.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let real = bufs
+            .iter()
+            .position(|b| splice::is_placeholder(b))
+            .unwrap_or(bufs.len());
+        if let (0, Some(first)) = (real, bufs.first()) {
+            if let Some(spliced) = this.poll_placeholder(cx, first) {
+                return spliced;
+            }
+        }
+        Pin::new(&mut this.stream).poll_write_vectored(cx, &bufs[..real])
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -69,6 +69,9 @@ pub struct Metrics {
     pub upstream_retries: Family<RetryLabels, Counter>,
     /// Time until the registry's response headers, every upstream call.
     pub upstream_seconds: Histogram,
+    /// Blob bytes moved from the registry to clients by splice(2), never
+    /// copied through archmerge.
+    pub spliced_bytes: Counter,
     /// Cache hits by cache.
     pub cache_hits: Family<CacheLabels, Counter>,
     /// Cache misses by cache.
@@ -125,6 +128,12 @@ impl Metrics {
             "Background retries of merges that failed",
             merge_retries.clone(),
         );
+        let spliced_bytes = Counter::default();
+        registry.register(
+            "spliced_bytes",
+            "Blob bytes moved from the registry to clients by splice(2), never copied through archmerge",
+            spliced_bytes.clone(),
+        );
         let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "upstream_request_duration_seconds",
@@ -146,6 +155,7 @@ impl Metrics {
             merge_retries,
             upstream_retries,
             upstream_seconds,
+            spliced_bytes,
             cache_hits,
             cache_misses,
         }

@@ -44,6 +44,9 @@ pub async fn run(
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.timeouts.header_read)
         .keep_alive(true)
+        // Body chunks are written as handed over, never copied into one
+        // buffer: zero-copy downloads (`crate::splice`) depend on it.
+        .writev(true)
         // What one connection may hold of a request body archmerge has not
         // taken yet (a manifest waiting for the buffer budget): bounded per
         // connection, so stalled clients cannot pin memory past the budget.
@@ -76,6 +79,7 @@ pub async fn run(
         max_connections: Some(app.config.max_connections),
         idle: app.config.timeouts.idle,
         body_progress: app.config.timeouts.body_progress,
+        zero_copy: app.config.zero_copy_downloads,
     };
     let handler = move |req, peer: Peer| {
         let app = app.clone();
@@ -154,6 +158,12 @@ async fn dispatch(
         }
         (&Method::DELETE, Route::Manifest { name, reference }, _) => {
             intercept::delete_manifest(app, req, name, reference, client).await
+        }
+        (&Method::GET, Route::Blob { .. }, _) => {
+            match app.downloads.get(&app.upstream, req, &client).await {
+                Ok(resp) => Ok(resp),
+                Err(req) => forward::forward(&app.upstream, req, &client).await,
+            }
         }
         _ => forward::forward(&app.upstream, req, &client).await,
     }

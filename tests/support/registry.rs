@@ -201,6 +201,11 @@ impl Registry {
         read_log(&self.dir.path().join("registry.log"))
     }
 
+    /// The registry's process id (to stop and continue it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the registry is running").id()
+    }
+
     /// Stops the registry now (for registry-down tests); drop does the same.
     pub fn kill(&mut self) {
         stop(&mut self.child);

@@ -1,0 +1,627 @@
+//! Zero-copy blob downloads: on a plaintext HTTP/1.1 client connection, a
+//! blob GET's body goes from the registry's socket to the client's through
+//! a pipe with `splice(2)`, so the kernel moves the pages and archmerge
+//! never copies a byte of it.
+//!
+//! hyper still writes the response: status line, headers, framing and
+//! keep-alive are its own. The body it is handed ([`Spliced`]) is a run of
+//! *placeholder* chunks, slices of one block of zeros, as long as the blob.
+//! The client connection's writer ([`crate::listener`]) knows a placeholder
+//! by its address ([`is_placeholder`]) and, where hyper writes one, splices
+//! that many bytes from the connection's [`Downlink`] instead. A
+//! placeholder's own bytes never reach a client: one that meets a
+//! connection with nothing to splice fails the connection.
+//!
+//! The registry is asked on a connection of archmerge's own ([`Downloads`]:
+//! the request is the one [`forward`] would send, written by hand, its
+//! answer's head parsed with `httparse`), since the pooled client keeps its
+//! sockets to itself. Only a plain `200` with a `Content-Length` is
+//! spliced; a small answer of another kind (a redirect to a storage
+//! backend, a 401, a 404) is passed on as read, and anything else (a 5xx,
+//! chunked framing, a failed connection) goes the ordinary way, with its
+//! retries. TLS on either side and HTTP/2 take the ordinary, copying path.
+//!
+//! Bounded like the copying path: the registry's connection has
+//! `upstream_headers_secs` to answer and, once the body flows, the same
+//! time between two pieces of it; a client that stops reading holds its
+//! own connection only, as it would anyway.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{ready, Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Frame, SizeHint};
+use rustix::fd::OwnedFd;
+use rustix::pipe::{PipeFlags, SpliceFlags};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::time::Sleep;
+
+use crate::body::{self, Body, BoxError, ClientBody};
+use crate::config::Config;
+use crate::forward::{self, ClientSide};
+use crate::metrics::Metrics;
+
+/// One placeholder chunk at most, and the pipe's size when the kernel
+/// allows it (`/proc/sys/fs/pipe-max-size` is 1 MiB by default).
+const CHUNK: usize = 1 << 20;
+
+/// Largest response head read from the registry.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Largest answer other than a blob that is passed on as read (redirects,
+/// error bodies); a longer one goes the ordinary way.
+const MAX_SMALL_BODY: usize = 64 * 1024;
+
+/// Idle registry connections kept for the next download.
+const POOL: usize = 32;
+
+// === placeholders ===
+
+/// The block placeholders are cut from. Allocated zeroed and never read
+/// or written, so its pages are never touched (no resident memory).
+fn zeros() -> &'static Bytes {
+    static ZEROS: OnceLock<Bytes> = OnceLock::new();
+    ZEROS.get_or_init(|| Bytes::from(vec![0u8; CHUNK]))
+}
+
+/// Whether `buf` is (part of) a placeholder: it lies in the block.
+pub(crate) fn is_placeholder(buf: &[u8]) -> bool {
+    let block = zeros().as_ptr_range();
+    !buf.is_empty() && block.contains(&buf.as_ptr())
+}
+
+/// A response body of `head` (the body bytes read with the registry's
+/// head, real ones), then placeholders for the `left` bytes spliced.
+pub(crate) struct Spliced {
+    head: Bytes,
+    left: u64,
+}
+
+impl http_body::Body for Spliced {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        if !this.head.is_empty() {
+            return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut this.head)))));
+        }
+        if this.left == 0 {
+            return Poll::Ready(None);
+        }
+        let n = this.left.min(CHUNK as u64) as usize;
+        this.left -= n as u64;
+        Poll::Ready(Some(Ok(Frame::data(zeros().slice(..n)))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.head.is_empty() && self.left == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.head.len() as u64 + self.left)
+    }
+}
+
+// === the client connection's side ===
+
+/// What one client connection splices from: at most one registry body at a
+/// time (HTTP/1.1 writes one response after another).
+#[derive(Default)]
+pub(crate) struct Downlink {
+    source: Mutex<Option<Source>>,
+}
+
+impl Downlink {
+    fn is_free(&self) -> bool {
+        self.lock().is_none()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Source>> {
+        self.source.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Where hyper writes a placeholder of `max` bytes: splices up to that
+    /// many from the registry to `client`, and says how many went.
+    pub(crate) fn poll_splice(
+        &self,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let mut slot = self.lock();
+        let Some(source) = slot.as_mut() else {
+            return Poll::Ready(Err(io::Error::other(
+                "a placeholder reached a connection with nothing to splice",
+            )));
+        };
+        let polled = source.poll_splice(cx, client, max);
+        match &polled {
+            Poll::Ready(Ok(_)) if source.done() => {
+                if let Some(source) = slot.take() {
+                    source.finish();
+                }
+            }
+            Poll::Ready(Err(e)) => {
+                tracing::warn!(error = %e, "a zero-copy download broke off");
+                *slot = None;
+            }
+            _ => {}
+        }
+        polled
+    }
+}
+
+/// A registry body on its way: the registry's socket, the pipe, and how
+/// much is still to come.
+struct Source {
+    upstream: TcpStream,
+    pipe_read: OwnedFd,
+    pipe_write: OwnedFd,
+    /// The pipe's capacity.
+    pipe_size: usize,
+    /// Bytes in the pipe, not yet at the client.
+    in_pipe: usize,
+    /// Bytes still to come from the registry.
+    left: u64,
+    /// Most time between two pieces from the registry.
+    stall: Duration,
+    timer: Pin<Box<Sleep>>,
+    /// Whether the timer runs: set while the pipe is empty and the
+    /// registry's socket has nothing (time spent waiting for the client
+    /// does not count).
+    waiting: bool,
+    /// Where the connection goes once the body is through; `None` when
+    /// the registry said it closes it.
+    pool: Option<Arc<Pool>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Source {
+    fn done(&self) -> bool {
+        self.left == 0 && self.in_pipe == 0
+    }
+
+    /// The body is through: the registry's connection may serve another.
+    fn finish(self) {
+        if let Some(pool) = &self.pool {
+            pool.put(self.upstream);
+        }
+    }
+
+    fn poll_splice(
+        &mut self,
+        cx: &mut Context<'_>,
+        client: &TcpStream,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        let flags = SpliceFlags::NONBLOCK | SpliceFlags::MOVE;
+        loop {
+            if self.in_pipe == 0 {
+                if self.left == 0 {
+                    return Poll::Ready(Err(io::Error::other(
+                        "more placeholder bytes than the registry's body",
+                    )));
+                }
+                if self.upstream.poll_read_ready(cx)?.is_pending() {
+                    if !self.waiting {
+                        self.waiting = true;
+                        let deadline = tokio::time::Instant::now() + self.stall;
+                        self.timer.as_mut().reset(deadline);
+                    }
+                    if self.timer.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the registry sent no body data for {:?}", self.stall),
+                        )));
+                    }
+                    return Poll::Pending;
+                }
+                let want = self.left.min(self.pipe_size as u64) as usize;
+                let filled = self.upstream.try_io(Interest::READABLE, || {
+                    Ok(rustix::pipe::splice(
+                        &self.upstream,
+                        None,
+                        &self.pipe_write,
+                        None,
+                        want,
+                        flags,
+                    )?)
+                });
+                match filled {
+                    Ok(0) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the registry closed with {} bytes to go", self.left),
+                        )))
+                    }
+                    Ok(n) => {
+                        self.in_pipe = n;
+                        self.left -= n as u64;
+                        self.waiting = false;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(e)),
+                }
+            }
+            ready!(client.poll_write_ready(cx))?;
+            let want = self.in_pipe.min(max);
+            let sent = client.try_io(Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(
+                    &self.pipe_read,
+                    None,
+                    client,
+                    None,
+                    want,
+                    flags,
+                )?)
+            });
+            match sent {
+                Ok(n) => {
+                    self.in_pipe -= n;
+                    self.metrics.spliced_bytes.inc_by(n as u64);
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+// === the registry's side ===
+
+/// archmerge's own registry connections for zero-copy downloads, and how
+/// they are made.
+pub(crate) struct Downloads {
+    /// `host:port` of a plaintext registry; `None` when the registry speaks
+    /// TLS (nothing is spliced) or the path is turned off.
+    authority: Option<String>,
+    connect: Duration,
+    headers: Duration,
+    pool: Arc<Pool>,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Default)]
+struct Pool {
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+impl Pool {
+    fn put(&self, conn: TcpStream) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < POOL {
+            idle.push(conn);
+        }
+    }
+
+    /// An idle connection the registry has not closed meanwhile.
+    fn take(&self) -> Option<TcpStream> {
+        loop {
+            let conn = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            // Readable while idle means closed (or talking out of turn).
+            if let Err(e) = conn.try_read(&mut [0u8; 1]) {
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Some(conn);
+                }
+            }
+        }
+    }
+}
+
+impl Downloads {
+    pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Downloads {
+        let plain = config.upstream.scheme == http::uri::Scheme::HTTP;
+        Downloads {
+            authority: (plain && config.zero_copy_downloads)
+                .then(|| config.upstream.authority.to_string()),
+            connect: config.timeouts.connect,
+            headers: config.timeouts.upstream_headers,
+            pool: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// Answers a blob GET by splicing when it can; otherwise hands the
+    /// request back, untouched, for the ordinary path.
+    pub(crate) async fn get(
+        &self,
+        upstream: &crate::upstream::Upstream,
+        req: Request<ClientBody>,
+        client: &ClientSide,
+    ) -> Result<Response<Body>, Request<ClientBody>> {
+        use http_body::Body as _;
+        let Some(authority) = &self.authority else {
+            return Err(req);
+        };
+        let eligible = req.method() == Method::GET
+            && req.version() == Version::HTTP_11
+            && !req.headers().contains_key(header::RANGE)
+            && req.body().is_end_stream();
+        let Some(link) = req.extensions().get::<Arc<Downlink>>().cloned() else {
+            return Err(req);
+        };
+        if !eligible || !link.is_free() {
+            return Err(req);
+        }
+        // A pipe first: without a file descriptor for it, nothing is sent.
+        let Ok((pipe_read, pipe_write)) =
+            rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
+        else {
+            return Err(req);
+        };
+        let pipe_size = rustix::pipe::fcntl_setpipe_size(&pipe_write, CHUNK)
+            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_write))
+            .unwrap_or(64 * 1024);
+        let head = request_head(upstream, &req, client, authority);
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.headers, self.ask(authority, &head)).await;
+        self.metrics
+            .upstream_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let Ok(Ok((conn, answer))) = answer else {
+            return Err(req);
+        };
+        let Some(resp) = self.respond(conn, answer, pipe_read, pipe_write, pipe_size, &link) else {
+            return Err(req);
+        };
+        Ok(forward::downstream_body(resp, upstream, client))
+    }
+
+    /// Sends `head` on a pooled connection (once more on a fresh one if the
+    /// pooled one turns out closed before any answer) and reads the head of
+    /// the answer.
+    async fn ask(&self, authority: &str, head: &[u8]) -> io::Result<(TcpStream, Answer)> {
+        if let Some(mut conn) = self.pool.take() {
+            if let Ok(answer) = exchange(&mut conn, head).await {
+                return Ok((conn, answer));
+            }
+        }
+        let mut conn = tokio::time::timeout(self.connect, TcpStream::connect(authority))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+        conn.set_nodelay(true)?;
+        let answer = exchange(&mut conn, head).await?;
+        Ok((conn, answer))
+    }
+
+    /// The client's response for the registry's answer, or `None` for the
+    /// ordinary path.
+    fn respond(
+        &self,
+        conn: TcpStream,
+        answer: Answer,
+        pipe_read: OwnedFd,
+        pipe_write: OwnedFd,
+        pipe_size: usize,
+        link: &Downlink,
+    ) -> Option<Response<Body>> {
+        let Answer {
+            status,
+            headers,
+            mut rest,
+        } = answer;
+        if headers.contains_key(header::TRANSFER_ENCODING) || status.is_server_error() {
+            return None;
+        }
+        let length: u64 = headers
+            .get(header::CONTENT_LENGTH)?
+            .to_str()
+            .ok()?
+            .parse()
+            .ok()?;
+        if (rest.len() as u64) > length {
+            // More than one answer to one request: not a registry to trust
+            // with a pooled connection.
+            return None;
+        }
+        let keep = !closes(&headers);
+        let left = length - rest.len() as u64;
+        if status != StatusCode::OK {
+            if left > 0 || length as usize > MAX_SMALL_BODY {
+                return None;
+            }
+            if keep {
+                self.pool.put(conn);
+            }
+            return Some(response(status, headers, body::full(rest.split().freeze())));
+        }
+        let body = Spliced {
+            head: rest.split().freeze(),
+            left,
+        };
+        let pool = keep.then(|| self.pool.clone());
+        if left == 0 {
+            if let Some(pool) = pool {
+                pool.put(conn);
+            }
+        } else {
+            *link.lock() = Some(Source {
+                upstream: conn,
+                pipe_read,
+                pipe_write,
+                pipe_size,
+                in_pipe: 0,
+                left,
+                stall: self.headers,
+                timer: Box::pin(tokio::time::sleep(self.headers)),
+                waiting: false,
+                pool,
+                metrics: self.metrics.clone(),
+            });
+        }
+        Some(response(status, headers, body::stream(body)))
+    }
+}
+
+fn response(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// Whether the registry closes the connection after this answer.
+fn closes(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+}
+
+/// The head of the registry's answer, and the body bytes read with it.
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    rest: BytesMut,
+}
+
+/// Writes a request head and reads the answer's head.
+async fn exchange(conn: &mut TcpStream, head: &[u8]) -> io::Result<Answer> {
+    conn.write_all(head).await?;
+    let mut buf = BytesMut::with_capacity(MAX_HEAD);
+    loop {
+        if conn.read_buf(&mut buf).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the registry closed before answering",
+            ));
+        }
+        if let Some(answer) = parse_head(&mut buf)? {
+            return Ok(answer);
+        }
+        if buf.len() >= MAX_HEAD {
+            return Err(io::Error::other("the registry's answer head is too long"));
+        }
+    }
+}
+
+/// The answer's head once `buf` holds all of it; the body bytes stay in
+/// `buf`.
+fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut slots);
+    let bad = |e: &dyn std::fmt::Display| io::Error::other(format!("the registry's answer: {e}"));
+    let len = match parsed.parse(buf).map_err(|e| bad(&e))? {
+        httparse::Status::Complete(len) => len,
+        httparse::Status::Partial => return Ok(None),
+    };
+    if parsed.version != Some(1) {
+        return Err(bad(&"not HTTP/1.1"));
+    }
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|e| bad(&e))?;
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| bad(&e))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|e| bad(&e))?;
+        headers.append(name, value);
+    }
+    let _ = buf.split_to(len);
+    Ok(Some(Answer {
+        status,
+        headers,
+        rest: std::mem::take(buf),
+    }))
+}
+
+/// The request [`forward`] would send, as HTTP/1.1 bytes.
+fn request_head(
+    upstream: &crate::upstream::Upstream,
+    req: &Request<ClientBody>,
+    client: &ClientSide,
+    authority: &str,
+) -> Vec<u8> {
+    let mut bare = Request::new(());
+    *bare.uri_mut() = req.uri().clone();
+    *bare.headers_mut() = req.headers().clone();
+    let (parts, ()) = bare.into_parts();
+    let out = forward::upstream_request(upstream, parts, body::empty(), client);
+    let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
+    let mut head = Vec::with_capacity(512);
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    head.extend_from_slice(authority.as_bytes());
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in out.headers() {
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body::Body as _;
+
+    #[test]
+    fn a_spliced_body_is_its_head_then_placeholders_as_long_as_the_blob() {
+        let mut body = Spliced {
+            head: Bytes::from_static(b"real"),
+            left: CHUNK as u64 + 5,
+        };
+        assert_eq!(body.size_hint().exact(), Some(4 + CHUNK as u64 + 5));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut chunks = Vec::new();
+        while let Poll::Ready(Some(frame)) = Pin::new(&mut body).poll_frame(&mut cx) {
+            chunks.push(frame.unwrap().into_data().unwrap());
+        }
+        assert_eq!(chunks[0], Bytes::from_static(b"real"));
+        assert!(!is_placeholder(&chunks[0]));
+        assert_eq!(chunks[1].len(), CHUNK);
+        assert_eq!(chunks[2].len(), 5);
+        assert!(chunks[1..].iter().all(|c| is_placeholder(c)));
+        assert!(body.is_end_stream());
+    }
+
+    #[test]
+    fn only_the_block_is_a_placeholder() {
+        let copy = zeros().to_vec();
+        assert!(!is_placeholder(&copy));
+        assert!(!is_placeholder(&[]));
+        assert!(is_placeholder(&zeros()[CHUNK - 1..]));
+    }
+
+    #[test]
+    fn an_answer_head_is_parsed_and_its_body_bytes_kept() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nDocker-Content-Digest: sha256:x\r\n\r\nhello"[..],
+        );
+        let answer = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.headers["content-length"], "10");
+        assert_eq!(&answer.rest[..], b"hello");
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
+        assert!(parse_head(&mut partial).unwrap().is_none());
+        let mut bad = BytesMut::from(&b"HTTP/1.1 2x0 OK\r\n\r\n"[..]);
+        assert!(parse_head(&mut bad).is_err());
+    }
+
+    #[test]
+    fn connection_close_is_seen_among_other_tokens() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Close"),
+        );
+        assert!(closes(&h));
+        assert!(!closes(&HeaderMap::new()));
+    }
+}

@@ -1,0 +1,289 @@
+//! Blob downloads: whichever way archmerge moves a blob's bytes (spliced
+//! from socket to socket on a plaintext HTTP/1.1 connection, copied for
+//! HTTP/2, TLS or when zero-copy is off), the client gets the registry's
+//! bytes exactly, its connection serves on, and a registry that stalls or
+//! breaks off mid-blob ends the download instead of hanging it.
+//!
+//! archmerge runs in front of the real registry; the client speaks raw
+//! HTTP/1.1 over a socket, so what is on the wire is what is checked.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+use support::*;
+
+/// The blob: large enough to need many pipe-fulls, not a multiple of one.
+const SIZE: usize = 24 * 1024 * 1024 + 12_345;
+
+/// A response read off a raw connection: its head, and its body's length
+/// and digest (the body itself is hashed as it arrives, not kept).
+#[derive(Debug)]
+struct Download {
+    status: u16,
+    head: String,
+    len: usize,
+    digest: String,
+}
+
+/// Reads one response, its body by `Content-Length`; `None` when the
+/// connection ended first, with how much of the body had come.
+fn read_response(conn: &mut TcpStream) -> Result<Download, (String, usize)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return Err((String::from_utf8_lossy(&head).into_owned(), 0)),
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < length {
+        let want = buf.len().min(length - got);
+        match conn.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return Err((head, got)),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                got += n;
+            }
+        }
+    }
+    Ok(Download {
+        status,
+        head,
+        len: got,
+        digest: format!("sha256:{}", hex(&hash.finalize())),
+    })
+}
+
+fn get(path: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes()
+}
+
+fn connect(port: u16) -> TcpStream {
+    let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    conn
+}
+
+/// A blob of [`SIZE`] pushed straight to the registry; its digest.
+async fn pushed_blob(s: &Stack, repo: &str, seed: u64) -> String {
+    put_blob(&http(), &s.registry.url(), repo, &Seeded::bytes(seed, SIZE)).await
+}
+
+/// The sum of every sample of the metric `name`, from the admin listener.
+async fn metric(s: &Stack, name: &str) -> f64 {
+    let text = http()
+        .get(format!("{}/metrics", s.admin_url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let name_part = series.split('{').next()?;
+            (name_part == name).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+const SPLICED: &str = "archmerge_spliced_bytes_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_spliced_to_a_plain_http11_client_byte_for_byte_and_the_connection_serves_on() {
+    let s = Stack::new();
+    let first = pushed_blob(&s, "dl/app", 1).await;
+    let second = pushed_blob(&s, "dl/app", 2).await;
+    let small = put_blob(&http(), &s.registry.url(), "dl/app", b"a small blob").await;
+    let port = s.proxy.port();
+    let unknown = format!("sha256:{}", "0".repeat(64));
+
+    let (a, b, c) = (first.clone(), second.clone(), small.clone());
+    let answers = tokio::task::spawn_blocking(move || {
+        let (first, second, small) = (a, b, c);
+        let mut conn = connect(port);
+        // One at a time, then three pipelined in one write: a blob, an
+        // unknown blob (the registry's 404 passes as it is), another blob,
+        // then the API root on the same connection.
+        conn.write_all(&get(&format!("/v2/dl/app/blobs/{first}")))
+            .unwrap();
+        let mut answers = vec![read_response(&mut conn)];
+        let mut pipelined = get(&format!("/v2/dl/app/blobs/{small}"));
+        pipelined.extend(get(&format!("/v2/dl/app/blobs/{unknown}")));
+        pipelined.extend(get(&format!("/v2/dl/app/blobs/{second}")));
+        pipelined.extend(get("/v2/"));
+        conn.write_all(&pipelined).unwrap();
+        for _ in 0..4 {
+            answers.push(read_response(&mut conn));
+        }
+        answers
+    })
+    .await
+    .unwrap();
+    let answers: Vec<Download> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}")))
+        .collect();
+    for (a, digest) in [(&answers[0], &first), (&answers[3], &second)] {
+        assert_eq!(a.status, 200, "{}", a.head);
+        assert_eq!(a.len, SIZE, "{}", a.head);
+        assert_eq!(&a.digest, digest, "the blob came back altered");
+        assert!(
+            a.head
+                .to_ascii_lowercase()
+                .contains(&format!("docker-content-digest: {digest}")),
+            "{}",
+            a.head
+        );
+    }
+    assert_eq!(answers[1].status, 200, "{}", answers[1].head);
+    assert_eq!(answers[1].digest, small);
+    assert_eq!(answers[2].status, 404, "{}", answers[2].head);
+    assert_eq!(answers[4].status, 200, "{}", answers[4].head);
+
+    // Spliced, not copied: all but what came with the registry's head.
+    let spliced = metric(&s, SPLICED).await;
+    assert!(
+        spliced >= 2.0 * (SIZE - 64 * 1024) as f64 && spliced <= 2.0 * SIZE as f64,
+        "{spliced} bytes spliced for two blobs of {SIZE}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_zero_copy_downloads_off_or_over_http2_the_same_bytes_are_copied() {
+    let s = Stack::with(ArchmergeOpts {
+        config_toml: Some("zero_copy_downloads = false\n".into()),
+        ..ArchmergeOpts::default()
+    });
+    let digest = pushed_blob(&s, "dl/off", 3).await;
+    let port = s.proxy.port();
+    let path = format!("/v2/dl/off/blobs/{digest}");
+    let a = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.write_all(&get(&path)).unwrap();
+        read_response(&mut conn)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!((a.status, a.len), (200, SIZE), "{}", a.head);
+    assert_eq!(a.digest, digest);
+    assert_eq!(
+        metric(&s, SPLICED).await,
+        0.0,
+        "spliced with zero_copy_downloads = false"
+    );
+
+    // HTTP/2 (prior knowledge) on an archmerge that splices HTTP/1.1.
+    let s = Stack::new();
+    let digest = pushed_blob(&s, "dl/h2", 4).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let res = h2
+        .get(format!("{}/v2/dl/h2/blobs/{digest}", s.proxy.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.version(), reqwest::Version::HTTP_2);
+    assert_eq!(res.status(), 200);
+    let body = res.bytes().await.unwrap();
+    assert_eq!(digest_of(&body), digest);
+    assert_eq!(metric(&s, SPLICED).await, 0.0, "spliced over HTTP/2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stalls_mid_blob_ends_the_download_after_upstream_headers_secs() {
+    let s = Stack::with(ArchmergeOpts {
+        config_toml: Some("[timeouts]\nupstream_headers_secs = 2\n".into()),
+        ..ArchmergeOpts::default()
+    });
+    let digest = pushed_blob(&s, "dl/stall", 5).await;
+    let port = s.proxy.port();
+    let registry = s.registry.pid();
+    let path = format!("/v2/dl/stall/blobs/{digest}");
+    let (outcome, stalled_for) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.write_all(&get(&path)).unwrap();
+        // Read the head and a first MiB, then stop the registry: what the
+        // kernel holds of its writes still arrives, then nothing does.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            conn.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        let mut first = vec![0u8; 1 << 20];
+        conn.read_exact(&mut first).unwrap();
+        signal(registry, "STOP");
+        let stopped = Instant::now();
+        let mut rest = 0usize;
+        let mut buf = vec![0u8; 256 * 1024];
+        let outcome = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break Ok(rest),
+                Ok(n) => rest += n,
+                Err(e) => break Err(e.kind()),
+            }
+        };
+        let stalled_for = stopped.elapsed();
+        signal(registry, "CONT");
+        (outcome, stalled_for)
+    })
+    .await
+    .unwrap();
+    let got =
+        outcome.unwrap_or_else(|e| panic!("the download was neither ended nor finished: {e:?}"));
+    assert!(
+        got + (1 << 20) < SIZE,
+        "the whole blob came although the registry was stopped ({got} bytes after the first MiB)"
+    );
+    assert!(
+        stalled_for < Duration::from_secs(8),
+        "a stalled registry held the download {stalled_for:?} (upstream_headers_secs = 2)"
+    );
+    // The registry, running again, serves the blob whole through archmerge.
+    let port = s.proxy.port();
+    let path = format!("/v2/dl/stall/blobs/{digest}");
+    let again = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.write_all(&get(&path)).unwrap();
+        read_response(&mut conn)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(again.digest, digest);
+}
+
+fn signal(pid: u32, which: &str) {
+    let ok = std::process::Command::new("kill")
+        .arg(format!("-{which}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{which} {pid}");
+}
