@@ -83,6 +83,18 @@ pub async fn forward(
     req: Request<ClientBody>,
     client: &ClientSide,
 ) -> Result<Response<Body>, ProxyError> {
+    forward_after(upstream, req, client, None).await
+}
+
+/// [`forward`] after a first try made another way (a zero-copy download)
+/// failed for `failed` (`status_5xx`, `unreachable`): that try counts as
+/// the first of the [`RETRIES`] + 1.
+pub async fn forward_after(
+    upstream: &Upstream,
+    req: Request<ClientBody>,
+    client: &ClientSide,
+    failed: Option<&'static str>,
+) -> Result<Response<Body>, ProxyError> {
     use http_body::Body as _;
     let (parts, mut incoming) = req.into_parts();
     let repeatable =
@@ -104,6 +116,11 @@ pub async fn forward(
     }
     let mut backoff = Backoff::new(Duration::from_millis(50), 4, Duration::from_millis(400));
     let mut attempt = 0;
+    if let Some(reason) = failed {
+        attempt += 1;
+        upstream.count_retry(reason);
+        backoff.wait().await;
+    }
     loop {
         let req = upstream_request(upstream, copy_parts(&parts), body::empty(), client);
         let reason = match upstream.send(req).await {

@@ -27,6 +27,7 @@ use crate::listener::{Listener, Peer};
 use crate::metrics::{method_label, RequestLabels};
 use crate::route::{self, Route};
 use crate::serve;
+use crate::splice::Download;
 
 /// Most bytes hyper reads ahead of a client connection's body.
 const CLIENT_READ_BUF: usize = 256 * 1024;
@@ -161,8 +162,11 @@ async fn dispatch(
         }
         (&Method::GET, Route::Blob { .. }, _) => {
             match app.downloads.get(&app.upstream, req, &client).await {
-                Ok(resp) => Ok(resp),
-                Err(req) => forward::forward(&app.upstream, req, &client).await,
+                Download::Answered(resp) => Ok(resp),
+                Download::TimedOut(after) => Err(ProxyError::UpstreamTimeout(after)),
+                Download::Declined { req, failed } => {
+                    forward::forward_after(&app.upstream, req, &client, failed).await
+                }
             }
         }
         _ => forward::forward(&app.upstream, req, &client).await,

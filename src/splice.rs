@@ -320,6 +320,24 @@ impl Pool {
     }
 }
 
+/// What became of a blob GET tried the zero-copy way.
+pub(crate) enum Download {
+    /// Answered: spliced, or a small answer passed on as read.
+    Answered(Response<Body>),
+    /// The registry did not answer within `upstream_headers_secs` (the
+    /// ordinary path would not try again either).
+    TimedOut(Duration),
+    /// For the ordinary path, untouched. `failed` says why the attempt made
+    /// here failed, when it did: it counts as the first of the ordinary
+    /// path's tries.
+    Declined {
+        /// The client's request.
+        req: Request<ClientBody>,
+        /// `status_5xx` or `unreachable`, as the retry metric counts them.
+        failed: Option<&'static str>,
+    },
+}
+
 impl Downloads {
     pub(crate) fn new(config: &Config, metrics: Arc<Metrics>) -> Downloads {
         let plain = config.upstream.scheme == http::uri::Scheme::HTTP;
@@ -340,26 +358,27 @@ impl Downloads {
         upstream: &crate::upstream::Upstream,
         req: Request<ClientBody>,
         client: &ClientSide,
-    ) -> Result<Response<Body>, Request<ClientBody>> {
+    ) -> Download {
         use http_body::Body as _;
+        let declined = |req| Download::Declined { req, failed: None };
         let Some(authority) = &self.authority else {
-            return Err(req);
+            return declined(req);
         };
         let eligible = req.method() == Method::GET
             && req.version() == Version::HTTP_11
             && !req.headers().contains_key(header::RANGE)
             && req.body().is_end_stream();
         let Some(link) = req.extensions().get::<Arc<Downlink>>().cloned() else {
-            return Err(req);
+            return declined(req);
         };
         if !eligible || !link.is_free() {
-            return Err(req);
+            return declined(req);
         }
         // A pipe first: without a file descriptor for it, nothing is sent.
         let Ok((pipe_read, pipe_write)) =
             rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
         else {
-            return Err(req);
+            return declined(req);
         };
         let pipe_size = rustix::pipe::fcntl_setpipe_size(&pipe_write, CHUNK)
             .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_write))
@@ -370,13 +389,26 @@ impl Downloads {
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
-        let Ok(Ok((conn, answer))) = answer else {
-            return Err(req);
+        let (conn, answer) = match answer {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(_)) => {
+                return Download::Declined {
+                    req,
+                    failed: Some("unreachable"),
+                }
+            }
+            Err(_) => return Download::TimedOut(self.headers),
         };
-        let Some(resp) = self.respond(conn, answer, pipe_read, pipe_write, pipe_size, &link) else {
-            return Err(req);
-        };
-        Ok(forward::downstream_body(resp, upstream, client))
+        if answer.status.is_server_error() {
+            return Download::Declined {
+                req,
+                failed: Some("status_5xx"),
+            };
+        }
+        match self.respond(conn, answer, pipe_read, pipe_write, pipe_size, &link) {
+            Some(resp) => Download::Answered(forward::downstream_body(resp, upstream, client)),
+            None => declined(req),
+        }
     }
 
     /// Sends `head` on a pooled connection (once more on a fresh one if the
@@ -412,7 +444,7 @@ impl Downloads {
             headers,
             mut rest,
         } = answer;
-        if headers.contains_key(header::TRANSFER_ENCODING) || status.is_server_error() {
+        if headers.contains_key(header::TRANSFER_ENCODING) {
             return None;
         }
         let length: u64 = headers
