@@ -55,8 +55,9 @@ pub fn empty() -> Body {
 ///
 /// Only time spent waiting for the client counts: while the reader (say the
 /// registry, through backpressure) does not ask for the next frame, the
-/// clock does not run. (A registry body that archmerge copies into another
-/// upload is wrapped the same way.)
+/// clock does not run. A registry's response body that archmerge passes on
+/// or copies is wrapped the same way ([`ClientBody::registry`]): a registry
+/// that stops sending mid-blob ends the download instead of hanging it.
 pub struct ClientBody {
     incoming: hyper::body::Incoming,
     limit: Duration,
@@ -68,6 +69,8 @@ pub struct ClientBody {
     /// Set when the body stalled, for a reader that only sees the error
     /// through another (the upstream client's); made on request.
     stalled: Option<Arc<AtomicBool>>,
+    /// Whether the registry sends this body (not the client).
+    from_registry: bool,
 }
 
 /// Why a client's request body ended early.
@@ -76,6 +79,9 @@ pub enum ClientBodyError {
     /// No byte of the body arrived within the body progress timeout.
     #[error("the client sent no body data for {0:?}")]
     Stalled(Duration),
+    /// No byte of a registry's body arrived within its time.
+    #[error("the registry sent no body data for {0:?}")]
+    RegistryStalled(Duration),
     /// The connection failed or the body was malformed.
     #[error(transparent)]
     Read(#[from] hyper::Error),
@@ -90,6 +96,16 @@ impl ClientBody {
             timer: None,
             waiting: false,
             stalled: None,
+            from_registry: false,
+        }
+    }
+
+    /// A registry's body, failing with [`ClientBodyError::RegistryStalled`]
+    /// when the registry sends nothing for `limit` while archmerge waits.
+    pub fn registry(incoming: hyper::body::Incoming, limit: Duration) -> ClientBody {
+        ClientBody {
+            from_registry: true,
+            ..ClientBody::new(incoming, limit)
         }
     }
 
@@ -133,7 +149,11 @@ impl http_body::Body for ClientBody {
                 if let Some(flag) = &this.stalled {
                     flag.store(true, Ordering::Relaxed);
                 }
-                Poll::Ready(Some(Err(ClientBodyError::Stalled(this.limit))))
+                Poll::Ready(Some(Err(if this.from_registry {
+                    ClientBodyError::RegistryStalled(this.limit)
+                } else {
+                    ClientBodyError::Stalled(this.limit)
+                })))
             }
             Poll::Pending => Poll::Pending,
         }

@@ -228,6 +228,9 @@ pub fn downstream_response(
 ) -> Response<Body> {
     let (mut parts, incoming) = resp.into_parts();
     downstream_parts(&mut parts, upstream, client);
+    // A registry that stops sending mid-body ends the answer (the client
+    // sees it cut short) instead of holding the client's connection.
+    let incoming = ClientBody::registry(incoming, upstream.headers_timeout());
     Response::from_parts(parts, body::stream(incoming))
 }
 

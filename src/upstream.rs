@@ -221,6 +221,12 @@ impl Upstream {
         })
     }
 
+    /// How long the registry may take to start answering, and (for a body
+    /// archmerge passes on) between two pieces of a body.
+    pub fn headers_timeout(&self) -> Duration {
+        self.headers_timeout
+    }
+
     /// Counts a client request sent to the registry again.
     pub fn count_retry(&self, reason: &'static str) {
         self.metrics

@@ -216,8 +216,20 @@ async fn with_zero_copy_downloads_off_or_over_http2_the_same_bytes_are_copied() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registry_that_stalls_mid_blob_ends_the_download_after_upstream_headers_secs() {
+    stalled_download("").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_that_stalls_mid_blob_ends_a_copied_download_too() {
+    stalled_download("zero_copy_downloads = false\n").await;
+}
+
+/// A download whose registry stops after the first MiB (with `toml` in
+/// archmerge's config) ends within a few seconds, short; the blob then
+/// comes whole.
+async fn stalled_download(toml: &str) {
     let s = Stack::with(ArchmergeOpts {
-        config_toml: Some("[timeouts]\nupstream_headers_secs = 2\n".into()),
+        config_toml: Some(format!("{toml}[timeouts]\nupstream_headers_secs = 2\n")),
         ..ArchmergeOpts::default()
     });
     let digest = pushed_blob(&s, "dl/stall", 5).await;

@@ -152,7 +152,7 @@ impl Upstream {
         let req = req
             // The source must keep coming too: `send`'s clock stops while
             // the body waits for it.
-            .body(body::stream(ClientBody::new(
+            .body(body::stream(ClientBody::registry(
                 source.into_body(),
                 self.headers_timeout,
             )))
