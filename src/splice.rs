@@ -374,15 +374,6 @@ impl Downloads {
         if !eligible || !link.is_free() {
             return declined(req);
         }
-        // A pipe first: without a file descriptor for it, nothing is sent.
-        let Ok((pipe_read, pipe_write)) =
-            rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)
-        else {
-            return declined(req);
-        };
-        let pipe_size = rustix::pipe::fcntl_setpipe_size(&pipe_write, CHUNK)
-            .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_write))
-            .unwrap_or(64 * 1024);
         let head = request_head(upstream, &req, client, authority);
         let started = Instant::now();
         let answer = tokio::time::timeout(self.headers, self.ask(authority, &head)).await;
@@ -405,7 +396,7 @@ impl Downloads {
                 failed: Some("status_5xx"),
             };
         }
-        match self.respond(conn, answer, pipe_read, pipe_write, pipe_size, &link) {
+        match self.respond(conn, answer, &link) {
             Some(resp) => Download::Answered(forward::downstream_body(resp, upstream, client)),
             None => declined(req),
         }
@@ -434,9 +425,6 @@ impl Downloads {
         &self,
         conn: TcpStream,
         answer: Answer,
-        pipe_read: OwnedFd,
-        pipe_write: OwnedFd,
-        pipe_size: usize,
         link: &Downlink,
     ) -> Option<Response<Body>> {
         let Answer {
@@ -479,6 +467,13 @@ impl Downloads {
                 pool.put(conn);
             }
         } else {
+            // Without a file descriptor for a pipe, the ordinary path asks
+            // again.
+            let (pipe_read, pipe_write) =
+                rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).ok()?;
+            let pipe_size = rustix::pipe::fcntl_setpipe_size(&pipe_write, CHUNK)
+                .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_write))
+                .unwrap_or(64 * 1024);
             *link.lock() = Some(Source {
                 upstream: conn,
                 pipe_read,
