@@ -216,7 +216,7 @@ sed -e "s|@LISTEN@|$haproxy_port|g" \
     bench/haproxy.cfg >"$tmp/haproxy/haproxy.cfg"
 haproxy -c -q -f "$tmp/haproxy/haproxy.cfg" >"$tmp/haproxy/check.log" 2>&1 ||
     die "haproxy rejected its config: $(cat "$tmp/haproxy/check.log")"
-haproxy_version=$(haproxy -v | head -n 1 | awk '{print $3}')
+haproxy_version=$(haproxy -v | awk 'NR == 1 {print $3}')
 note "starting haproxy $haproxy_version on 127.0.0.1:$haproxy_port"
 haproxy -db -f "$tmp/haproxy/haproxy.cfg" >"$tmp/haproxy/log" 2>&1 &
 haproxy_pid=$!
