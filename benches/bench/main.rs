@@ -961,42 +961,53 @@ async fn main() -> anyhow::Result<()> {
     // BENCH_ONLY=get,put,blobs,… runs some phases (profiling).
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
+    // A phase that fails is reported and the run goes on, so one failure
+    // does not lose the figures of the others; the run then fails.
+    let mut failed = Vec::new();
+    let mut outcome = |what: &str, r: anyhow::Result<()>| {
+        if let Err(e) = r {
+            say(format!("{what} failed: {e:#}"));
+            failed.push(format!("{what}: {e:#}"));
+        }
+    };
     if run("get") {
         say("manifest GET");
-        manifest_get(&s, &mut res).await.context("manifest GET")?;
+        outcome("manifest GET", manifest_get(&s, &mut res).await);
     }
     if run("serve") {
         say("index GET, write and serve mode");
-        index_get(&s, &mut res).await.context("index GET")?;
+        outcome("index GET", index_get(&s, &mut res).await);
     }
     if run("put") {
         say("manifest PUT");
-        manifest_put(&s, &mut res).await.context("manifest PUT")?;
+        outcome("manifest PUT", manifest_put(&s, &mut res).await);
     }
     if run("blobs") {
         say("blob upload and download");
-        blobs(&s, &mut res).await.context("blobs")?;
+        outcome("blobs", blobs(&s, &mut res).await);
     }
     if run("rss") {
         say("archmerge peak RSS");
-        peak_rss(&s, &mut res).await.context("peak RSS")?;
+        outcome("peak RSS", peak_rss(&s, &mut res).await);
     }
     if run("size") {
         say("repository size");
-        repository_size(&s, &mut res)
-            .await
-            .context("repository size")?;
+        outcome("repository size", repository_size(&s, &mut res).await);
     }
     if run("scale") {
         say("merge at scale");
-        merge_at_scale(&s, &mut res)
-            .await
-            .context("merge at scale")?;
+        outcome("merge at scale", merge_at_scale(&s, &mut res).await);
     }
     if run("index") {
         say("index synthesis");
-        synthesis(&s, &mut res).context("index synthesis")?;
+        outcome("index synthesis", synthesis(&s, &mut res));
+    }
+    for f in &failed {
+        res.notes.push(format!("FAILED {f}"));
     }
     res.print();
+    if !failed.is_empty() {
+        bail!("{} phase(s) failed: {}", failed.len(), failed.join("; "));
+    }
     Ok(())
 }

@@ -25,9 +25,11 @@ fn unrelated(i: usize) -> String {
 }
 
 /// Registry requests archmerge has sent so far, by method, read from its
-/// admin listener's `/metrics`.
-pub async fn upstream_requests(admin: &mut Conn) -> anyhow::Result<BTreeMap<String, f64>> {
-    let (parts, body) = admin
+/// admin listener's `/metrics` (a connection of its own each time: the
+/// admin listener closes idle ones, and filling a repository takes a while).
+pub async fn upstream_requests(admin: SocketAddr) -> anyhow::Result<BTreeMap<String, f64>> {
+    let mut conn = Conn::open(admin).await?;
+    let (parts, body) = conn
         .call(Method::GET, "/metrics", &[], client::empty())
         .await?;
     client::expect("GET /metrics", &parts, &body, StatusCode::OK)?;
@@ -154,7 +156,6 @@ pub async fn series(
     let filler = images.manifest("x86_64", "unrelated");
     let arches: Vec<&str> = ARCHES.iter().take(4).map(|a| a.0).collect();
     let mut am = Conn::open(archmerge).await?;
-    let mut metrics = Conn::open(admin).await?;
     // The target's index with all four arches, and the plain tag, so every
     // measured arch push changes one entry.
     for a in &arches {
@@ -176,13 +177,13 @@ pub async fn series(
             plain_requests: BTreeMap::new(),
             arch_requests: BTreeMap::new(),
         };
-        let mut before = upstream_requests(&mut metrics).await?;
+        let mut before = upstream_requests(admin).await?;
         for k in 0..puts {
             let bytes = images.manifest("x86_64", &format!("plain-{tags}-{k}"));
             let t = Instant::now();
             registry::put_manifest(&mut am, repo, "plain", bytes).await?;
             p.plain_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            let after = upstream_requests(&mut metrics).await?;
+            let after = upstream_requests(admin).await?;
             add_delta(&mut p.plain_requests, &before, &after);
             before = after;
 
@@ -191,14 +192,14 @@ pub async fn series(
             let t = Instant::now();
             registry::put_manifest(&mut am, repo, &format!("{a}_v1"), bytes).await?;
             p.arch_ms.push(t.elapsed().as_secs_f64() * 1e3);
-            let after = upstream_requests(&mut metrics).await?;
+            let after = upstream_requests(admin).await?;
             add_delta(&mut p.arch_requests, &before, &after);
             before = after;
         }
         // What archmerge still sends after the last answer is the last
         // arch push's.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let after = upstream_requests(&mut metrics).await?;
+        let after = upstream_requests(admin).await?;
         add_delta(&mut p.arch_requests, &before, &after);
         points.push(p);
     }
