@@ -169,6 +169,9 @@ pub async fn series(
         fill(registry, repo, filler.clone(), filled, tags.max(filled)).await?;
         filled = filled.max(tags);
         let fill_secs = started.elapsed().as_secs_f64();
+        // A connection of its own: archmerge closes one left idle while the
+        // repository filled.
+        let mut am = Conn::open(archmerge).await?;
         let mut p = Point {
             tags,
             fill_secs,
