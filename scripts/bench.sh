@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The proxy benchmark, in one command: the same work sent straight to the
-# registry (the limit), through nginx (what people run in front of a registry
-# today) and through archmerge, side by side in one run, printed as a table
-# of figures and ratios to direct.
+# registry (the limit) and through four proxies in front of the same
+# registry — nginx (buffered, tuned), HAProxy (HTTP mode, kernel splicing),
+# socat (a plain TCP relay) and archmerge — side by side and interleaved in
+# one run, printed as one table per phase with ratios to direct and each
+# proxy's CPU per unit of work.
 #
-#   1. installs Debian's docker-registry and nginx when missing,
+#   1. installs Debian's docker-registry, nginx, haproxy and socat when
+#      missing,
 #   2. builds archmerge (the `profiling` profile of Cargo.toml: the release
 #      build with symbols and line tables, so perf can name functions) and
 #      the load generator (benches/bench/),
 #   3. starts, on free loopback ports and with everything in one temp dir:
-#      the registry (its own config), nginx in front of it (bench/nginx.conf,
-#      run as the current user, never the system config or service),
-#      archmerge in front of it, and a second archmerge in serve mode (for
-#      the index GET phase only),
-#   4. runs the load generator against all three (see benches/bench/main.rs
+#      the registry (its own config); in front of it nginx (bench/nginx.conf)
+#      and HAProxy (bench/haproxy.cfg), both run as the current user with
+#      their own config, never the system config or service; socat; archmerge;
+#      and a second archmerge in serve mode (for the index GET phase),
+#   4. runs the load generator against all of them (see benches/bench/main.rs
 #      for what it measures and the BENCH_* knobs; BENCH_QUICK=1 is a smoke
 #      run of about a minute),
 #   5. with BENCH_PROFILE=1, samples archmerge with `perf record` (Debian's
@@ -23,7 +26,7 @@
 #      (BENCH_KEEP=1 keeps it, with every log).
 #
 # The table is also written to target/bench/last-run.txt. A full run takes
-# about 5–8 minutes on a 2-core machine (first build not counted). Numbers
+# about 12–15 minutes on a 2-core machine (first build not counted). Numbers
 # from a shared machine are noisy: read the ratios, which are measured
 # interleaved in one run, not the absolute figures.
 set -euo pipefail
@@ -43,6 +46,8 @@ export PATH="$PATH:/usr/sbin:/sbin"
 need=()
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v socat >/dev/null 2>&1 || need+=(socat)
 if ((${#need[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
@@ -135,6 +140,8 @@ $(tail -n 20 "$log")"
 
 free_port; registry_port=$REPLY
 free_port; nginx_port=$REPLY
+free_port; haproxy_port=$REPLY
+free_port; socat_port=$REPLY
 free_port; archmerge_port=$REPLY
 free_port; admin_port=$REPLY
 free_port; serve_port=$REPLY
@@ -199,6 +206,33 @@ nginx_pid=$!
 pids+=("$nginx_pid")
 wait_ready nginx "$nginx_port" "$nginx_pid" "$tmp/nginx/error.log"
 
+# === HAProxy ===
+# In the foreground (-db: no daemon, no master process), so its pid is the
+# one process to measure; its request log goes to stdout, into a file.
+
+mkdir -p "$tmp/haproxy"
+sed -e "s|@LISTEN@|$haproxy_port|g" \
+    -e "s|@UPSTREAM@|127.0.0.1:$registry_port|g" \
+    bench/haproxy.cfg >"$tmp/haproxy/haproxy.cfg"
+haproxy -c -q -f "$tmp/haproxy/haproxy.cfg" >"$tmp/haproxy/check.log" 2>&1 ||
+    die "haproxy rejected its config: $(cat "$tmp/haproxy/check.log")"
+haproxy_version=$(haproxy -v | awk 'NR == 1 {print $3}')
+note "starting haproxy $haproxy_version on 127.0.0.1:$haproxy_port"
+haproxy -db -f "$tmp/haproxy/haproxy.cfg" >"$tmp/haproxy/log" 2>&1 &
+haproxy_pid=$!
+pids+=("$haproxy_pid")
+wait_ready haproxy "$haproxy_port" "$haproxy_pid" "$tmp/haproxy/log"
+
+# === socat ===
+# A plain TCP relay: one forked child per connection, 1 MiB blocks.
+
+note "starting socat on 127.0.0.1:$socat_port"
+socat -b 1048576 "TCP-LISTEN:$socat_port,bind=127.0.0.1,reuseaddr,fork" \
+    "TCP:127.0.0.1:$registry_port" >"$tmp/socat.log" 2>&1 &
+socat_pid=$!
+pids+=("$socat_pid")
+wait_ready socat "$socat_port" "$socat_pid" "$tmp/socat.log"
+
 # === archmerge ===
 # As it is deployed: default settings, the access log at info.
 
@@ -243,9 +277,14 @@ mkdir -p target/bench
 "$bench_bin" \
     --direct "127.0.0.1:$registry_port" \
     --nginx "127.0.0.1:$nginx_port" \
+    --haproxy "127.0.0.1:$haproxy_port" \
+    --socat "127.0.0.1:$socat_port" \
     --archmerge "127.0.0.1:$archmerge_port" \
+    --archmerge-admin "127.0.0.1:$admin_port" \
     --registry-pid "$registry_pid" \
     --nginx-pid "$nginx_pid" \
+    --haproxy-pid "$haproxy_pid" \
+    --socat-pid "$socat_pid" \
     --archmerge-pid "$archmerge_pid" \
     --serve "127.0.0.1:$serve_port" \
     --serve-pid "$serve_pid" \
@@ -264,5 +303,5 @@ if [ -n "$perf_pid" ]; then
 fi
 {
     echo
-    echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), distribution $(docker-registry --version | awk '{print $NF}'), $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
+    echo "nginx $(nginx -v 2>&1 | sed 's/.*\///'), haproxy $haproxy_version, $(socat -V | awk '/socat version/ {print "socat " $3}'), distribution $(docker-registry --version | awk '{print $NF}'), $(nproc) cores, $(date -u +%Y-%m-%dT%H:%MZ)"
 } | tee -a target/bench/last-run.txt

@@ -38,6 +38,13 @@ pub struct CacheLabels {
     pub cache: &'static str,
 }
 
+/// Labels of a request archmerge sent to the registry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// HTTP method ([`method_label`]).
+    pub method: &'static str,
+}
+
 /// Labels of a retried registry request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RetryLabels {
@@ -67,6 +74,9 @@ pub struct Metrics {
     /// Client requests archmerge sent to the registry again, by why: safe to
     /// repeat, and failed transiently.
     pub upstream_retries: Family<RetryLabels, Counter>,
+    /// Requests sent to the registry, by method: forwarded client requests
+    /// and archmerge's own calls alike, each retry and token fetch counted.
+    pub upstream_requests: Family<MethodLabels, Counter>,
     /// Time until the registry's response headers, every upstream call.
     pub upstream_seconds: Histogram,
     /// Blob bytes moved from the registry to clients by splice(2), never
@@ -134,6 +144,12 @@ impl Metrics {
             "Blob bytes moved from the registry to clients by splice(2), never copied through archmerge",
             spliced_bytes.clone(),
         );
+        let upstream_requests = Family::<MethodLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Requests sent to the registry (forwarded client requests and archmerge's own calls)",
+            upstream_requests.clone(),
+        );
         let upstream_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         registry.register(
             "upstream_request_duration_seconds",
@@ -154,6 +170,7 @@ impl Metrics {
             non_image_arch_tags,
             merge_retries,
             upstream_retries,
+            upstream_requests,
             upstream_seconds,
             spliced_bytes,
             cache_hits,
@@ -204,6 +221,9 @@ mod tests {
                 status: 201,
             })
             .inc();
+        m.upstream_requests
+            .get_or_create(&MethodLabels { method: "HEAD" })
+            .inc();
         let text = m.encode();
         assert!(
             text.contains("archmerge_merges_total{outcome=\"written\"} 1"),
@@ -213,6 +233,10 @@ mod tests {
             text.contains(
                 "archmerge_requests_total{method=\"PUT\",route=\"manifest\",status=\"201\"} 1"
             ),
+            "{text}"
+        );
+        assert!(
+            text.contains("archmerge_upstream_requests_total{method=\"HEAD\"} 1"),
             "{text}"
         );
     }

@@ -406,17 +406,31 @@ impl Downloads {
     /// pooled one turns out closed before any answer) and reads the head of
     /// the answer.
     async fn ask(&self, authority: &str, head: &[u8]) -> io::Result<(TcpStream, Answer)> {
+        self.count_get();
+        let mut tried_pooled = false;
         if let Some(mut conn) = self.pool.take() {
             if let Ok(answer) = exchange(&mut conn, head).await {
                 return Ok((conn, answer));
             }
+            tried_pooled = true;
         }
         let mut conn = tokio::time::timeout(self.connect, TcpStream::connect(authority))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         conn.set_nodelay(true)?;
+        if tried_pooled {
+            self.count_get();
+        }
         let answer = exchange(&mut conn, head).await?;
         Ok((conn, answer))
+    }
+
+    /// One GET sent to the registry, counted with every other request.
+    fn count_get(&self) {
+        self.metrics
+            .upstream_requests
+            .get_or_create(&crate::metrics::MethodLabels { method: "GET" })
+            .inc();
     }
 
     /// The client's response for the registry's answer, or `None` for the

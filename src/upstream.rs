@@ -250,6 +250,12 @@ impl Upstream {
     /// registry's last progress on the request body ([`pace`]), so an upload
     /// takes as long as its client sends.
     pub async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, UpstreamError> {
+        self.metrics
+            .upstream_requests
+            .get_or_create(&crate::metrics::MethodLabels {
+                method: crate::metrics::method_label(req.method()),
+            })
+            .inc();
         let started = std::time::Instant::now();
         let pace = pace::Pace::new();
         let req = req.map(|body| {

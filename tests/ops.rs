@@ -646,6 +646,7 @@ async fn metrics_count_requests_merges_and_skipped_writes_with_bounded_labels() 
         "archmerge_index_writes_skipped",
         "archmerge_platform_mismatches",
         "archmerge_merge_retries",
+        "archmerge_upstream_requests",
         "archmerge_upstream_request_duration_seconds",
         "archmerge_cache_hits",
         "archmerge_cache_misses",
@@ -665,6 +666,25 @@ async fn metrics_count_requests_merges_and_skipped_writes_with_bounded_labels() 
             "{family}:\n{text}"
         );
     }
+
+    // Every registry request is counted by method: the three client PUTs
+    // forwarded and the index writes among the PUTs, and at least as many
+    // requests in all as got their headers timed.
+    let upstream: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("archmerge_upstream_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    let timed = sample(&text, "archmerge_upstream_request_duration_seconds_count").unwrap_or(0.0);
+    assert!(
+        upstream >= timed && timed >= 1.0,
+        "{upstream} registry requests counted, {timed} timed:\n{text}"
+    );
+    let upstream_puts = sample(&text, "archmerge_upstream_requests_total{method=\"PUT\"}");
+    assert!(
+        upstream_puts.is_some_and(|v| v >= 5.0),
+        "registry PUTs (3 client PUTs, 2 index writes at least):\n{text}"
+    );
 
     // Bounded labels only: never a repository, tag or digest.
     assert!(

@@ -1,7 +1,7 @@
 //! A lean HTTP/1.1 client for the load generator: one hyper connection per
 //! `Conn`, keep-alive, origin-form request targets, every call bounded in
-//! time. The same code talks to the registry, to nginx and to archmerge, so
-//! whatever it costs is the same for all three.
+//! time. The same code talks to the registry and to every proxy in front of
+//! it, so whatever it costs is the same for all of them.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -26,10 +26,10 @@ pub type ReqBody = BoxBody<Bytes, Infallible>;
 /// What one request may take before the run fails loudly instead of hanging.
 pub const SMALL_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One of the three ways to reach the registry.
+/// One way to reach the registry: straight, or through one proxy.
 #[derive(Clone, Debug)]
 pub struct Target {
-    /// `direct`, `nginx` or `archmerge`.
+    /// `direct`, `nginx`, `haproxy`, `socat`, `archmerge`, …
     pub name: &'static str,
     /// Where it listens (loopback).
     pub addr: SocketAddr,
