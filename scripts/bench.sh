@@ -26,7 +26,7 @@
 #      (BENCH_KEEP=1 keeps it, with every log).
 #
 # The table is also written to target/bench/last-run.txt. A full run takes
-# about 12–15 minutes on a 2-core machine (first build not counted). Numbers
+# about 10 minutes on a 2-core machine (first build not counted). Numbers
 # from a shared machine are noisy: read the ratios, which are measured
 # interleaved in one run, not the absolute figures.
 set -euo pipefail

@@ -406,7 +406,7 @@ async fn manifest_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
     res.goal(
         "manifest GET >= 0.95x direct (median)",
         format!(
-            "{:.2}x (range {}; {:.0} vs {:.0} req/s)",
+            "{:.3}x (range {}; {:.0} vs {:.0} req/s)",
             ratio.median,
             ratio.show(2),
             reps.tput(ARCHMERGE).median,
@@ -767,7 +767,7 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         res.goal(
             &format!("{what} >= {goal}x direct (median)"),
             format!(
-                "{:.2}x (range {}; {:.0} vs {:.0} MiB/s)",
+                "{:.3}x (range {}; {:.0} vs {:.0} MiB/s)",
                 ratio.median,
                 ratio.show(2),
                 r.tput(ARCHMERGE).median,
