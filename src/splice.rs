@@ -435,12 +435,7 @@ impl Downloads {
 
     /// The client's response for the registry's answer, or `None` for the
     /// ordinary path.
-    fn respond(
-        &self,
-        conn: TcpStream,
-        answer: Answer,
-        link: &Downlink,
-    ) -> Option<Response<Body>> {
+    fn respond(&self, conn: TcpStream, answer: Answer, link: &Downlink) -> Option<Response<Body>> {
         let Answer {
             status,
             headers,
