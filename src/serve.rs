@@ -175,7 +175,12 @@ impl Aggregates {
         }
         self.metrics.cache_misses.get_or_create(&labels).inc();
         let load = || self.load_target(repo, target, auth);
-        Ok(load_once(&self.by_target, key, auth, load).await?.served)
+        // Boxed: a load holds a whole survey of the target (tens of KiB of
+        // future), which the cache hit of every GET would otherwise carry
+        // and copy along.
+        Ok(Box::pin(load_once(&self.by_target, key, auth, load))
+            .await?
+            .served)
     }
 
     async fn load_target(
@@ -236,7 +241,8 @@ impl Aggregates {
             return Some(s);
         }
         let search = || self.search(repo, auth);
-        let found = load_once(&self.searched, repo.to_owned(), auth, search)
+        // Boxed, like the load of `for_target`.
+        let found = Box::pin(load_once(&self.searched, repo.to_owned(), auth, search))
             .await
             .ok()?;
         found.by_digest.get(digest).cloned()

@@ -154,11 +154,17 @@ async fn dispatch(
         (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }, Some(aggregates)) => {
             serve::get_manifest(app, aggregates, req, name, reference, client).await
         }
+        // Boxed: a write's future holds a merge and is many times the size
+        // of a forward's, which every request would otherwise carry and
+        // copy along (hyper moves the request's future into place).
         (&Method::PUT, Route::Manifest { name, reference }, _) => {
-            intercept::put_manifest(app, req, name, reference, client).await
+            Box::pin(intercept::put_manifest(app, req, name, reference, client)).await
         }
         (&Method::DELETE, Route::Manifest { name, reference }, _) => {
-            intercept::delete_manifest(app, req, name, reference, client).await
+            Box::pin(intercept::delete_manifest(
+                app, req, name, reference, client,
+            ))
+            .await
         }
         (&Method::GET, Route::Blob { .. }, _) => {
             match app.downloads.get(&app.upstream, req, &client).await {

@@ -334,11 +334,16 @@ impl Upstream {
         else {
             return Ok(resp);
         };
-        let bearer = self
-            .tokens
-            .get(self, &challenge, auth.header.as_ref(), own)
-            .await?;
-        self.send(build(Some(&bearer))?).await
+        // Boxed: the token exchange is rare and its future large; every
+        // call would otherwise carry it.
+        Box::pin(async {
+            let bearer = self
+                .tokens
+                .get(self, &challenge, auth.header.as_ref(), own)
+                .await?;
+            self.send(build(Some(&bearer))?).await
+        })
+        .await
     }
 
     /// Whether the registry answers its API root (200, or 401 when it
