@@ -154,11 +154,7 @@ pub fn upstream_request(
     body: Body,
     client: &ClientSide,
 ) -> Request<Body> {
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    // The client's header map is rewritten in place and sent on.
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     headers.remove(header::HOST);
@@ -168,7 +164,7 @@ pub fn upstream_request(
     set_forwarding(&mut headers, client);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method;
-    *req.uri_mut() = upstream.uri(&path_and_query);
+    *req.uri_mut() = upstream.uri_of(&parts.uri);
     // The pooled client picks HTTP/2 itself when ALPN offers it.
     *req.version_mut() = Version::HTTP_11;
     *req.headers_mut() = headers;
@@ -181,17 +177,21 @@ pub fn upstream_request(
 /// `Location`s on its own origin are rewritten on the way back), and logs
 /// and notifies the client address they name: a client's own would steer
 /// its uploads elsewhere and put any address in the registry's records.
+///
+/// The three values that name the client are slices of the one buffer
+/// `Forwarded` is written into: one allocation per request.
 fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
-    let theirs: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| {
-            let name = name.as_str();
-            name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
-        })
-        .cloned()
-        .collect();
-    for name in theirs {
-        headers.remove(name);
+    use std::fmt::Write as _;
+    // Most clients send none: one scan, and a list only when there are.
+    if headers.keys().any(is_forwarding) {
+        let theirs: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| is_forwarding(n))
+            .cloned()
+            .collect();
+        for name in theirs {
+            headers.remove(name);
+        }
     }
     let proto = client.forwarded_proto;
     let peer = client.peer.ip();
@@ -199,25 +199,55 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
         HeaderName::from_static("x-forwarded-proto"),
         HeaderValue::from_static(proto),
     );
-    if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+    let host = &client.forwarded_host;
+    // RFC 7239: an IPv6 node and a host with a port are quoted strings.
+    let mut forwarded = String::with_capacity(32 + host.len());
+    forwarded.push_str("for=");
+    if peer.is_ipv6() {
+        forwarded.push_str("\"[");
+    }
+    let ip_start = forwarded.len();
+    let _ = write!(forwarded, "{peer}");
+    let ip_end = forwarded.len();
+    if peer.is_ipv6() {
+        forwarded.push_str("]\"");
+    }
+    forwarded.push_str(";host=\"");
+    let host_start = forwarded.len();
+    for c in host.chars() {
+        if c == '\\' || c == '"' {
+            forwarded.push('\\');
+        }
+        forwarded.push(c);
+    }
+    let host_end = forwarded.len();
+    forwarded.push_str("\";proto=");
+    forwarded.push_str(proto);
+    let forwarded = bytes::Bytes::from(forwarded);
+    let value =
+        |range: std::ops::Range<usize>| HeaderValue::from_maybe_shared(forwarded.slice(range));
+    if let Ok(v) = value(ip_start..ip_end) {
         headers.insert(HeaderName::from_static("x-forwarded-for"), v);
     }
-    let Ok(host) = HeaderValue::from_str(&client.forwarded_host) else {
+    // The host as it is when nothing in it was escaped.
+    let host_value = if host_end - host_start == host.len() {
+        value(host_start..host_end)
+    } else {
+        HeaderValue::from_str(host)
+    };
+    let Ok(host_value) = host_value else {
         return;
     };
-    headers.insert(HeaderName::from_static("x-forwarded-host"), host);
-    // RFC 7239: an IPv6 node and a host with a port are quoted strings.
-    let node = match peer {
-        std::net::IpAddr::V4(ip) => ip.to_string(),
-        std::net::IpAddr::V6(ip) => format!("\"[{ip}]\""),
-    };
-    let host = client
-        .forwarded_host
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"");
-    if let Ok(v) = HeaderValue::from_str(&format!("for={node};host=\"{host}\";proto={proto}")) {
+    headers.insert(HeaderName::from_static("x-forwarded-host"), host_value);
+    if let Ok(v) = HeaderValue::from_maybe_shared(forwarded) {
         headers.insert(header::FORWARDED, v);
     }
+}
+
+/// A forwarding header a client may send and archmerge replaces.
+fn is_forwarding(name: &HeaderName) -> bool {
+    let name = name.as_str();
+    name == "forwarded" || name == "x-real-ip" || name.starts_with("x-forwarded-")
 }
 
 /// The response archmerge sends back for the registry's response.
@@ -275,6 +305,10 @@ pub fn proxy_error(e: UpstreamError) -> ProxyError {
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
 /// plus any the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one scan instead of a removal for each.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -298,6 +332,23 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+}
+
+/// Whether a header is one [`strip_hop_by_hop`] removes whatever
+/// `Connection` says.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::PROXY_AUTHENTICATE,
+        header::PROXY_AUTHORIZATION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+        || name.as_str() == "proxy-connection"
 }
 
 /// Rewrites `Location` headers that point at the registry's origin.

@@ -245,6 +245,21 @@ impl Upstream {
             .unwrap_or_else(|_| Uri::from_static("/"))
     }
 
+    /// The registry URI for the path and query of a client's URI (shared,
+    /// not parsed again).
+    pub fn uri_of(&self, client: &Uri) -> Uri {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(self.config.scheme.clone());
+        parts.authority = Some(self.config.authority.clone());
+        parts.path_and_query = Some(
+            client
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+        );
+        Uri::from_parts(parts).unwrap_or_else(|_| Uri::from_static("/"))
+    }
+
     /// Sends a request and waits (bounded) for the response headers; the
     /// body then streams with no total timeout. The bound counts from the
     /// registry's last progress on the request body ([`pace`]), so an upload
