@@ -256,12 +256,11 @@ pub fn downstream_response(
     upstream: &Upstream,
     client: &ClientSide,
 ) -> Response<Body> {
-    let (mut parts, incoming) = resp.into_parts();
-    downstream_parts(&mut parts, upstream, client);
     // A registry that stops sending mid-body ends the answer (the client
     // sees it cut short) instead of holding the client's connection.
-    let incoming = ClientBody::registry(incoming, upstream.headers_timeout());
-    Response::from_parts(parts, body::stream(incoming))
+    let limit = upstream.headers_timeout();
+    let resp = resp.map(|incoming| body::stream(ClientBody::registry(incoming, limit)));
+    downstream_body(resp, upstream, client)
 }
 
 /// [`downstream_response`] for a body archmerge reads itself.

@@ -83,6 +83,18 @@ fn connect(port: u16) -> TcpStream {
     conn
 }
 
+/// One GET on a fresh connection, read whole.
+async fn download(port: u16, path: String) -> Download {
+    tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.write_all(&get(&path)).unwrap();
+        read_response(&mut conn)
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}"))
+}
+
 /// A blob of [`SIZE`] pushed straight to the registry; its digest.
 async fn pushed_blob(s: &Stack, repo: &str, seed: u64) -> String {
     put_blob(&http(), &s.registry.url(), repo, &Seeded::bytes(seed, SIZE)).await
@@ -178,15 +190,7 @@ async fn with_zero_copy_downloads_off_or_over_http2_the_same_bytes_are_copied() 
     });
     let digest = pushed_blob(&s, "dl/off", 3).await;
     let port = s.proxy.port();
-    let path = format!("/v2/dl/off/blobs/{digest}");
-    let a = tokio::task::spawn_blocking(move || {
-        let mut conn = connect(port);
-        conn.write_all(&get(&path)).unwrap();
-        read_response(&mut conn)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let a = download(port, format!("/v2/dl/off/blobs/{digest}")).await;
     assert_eq!((a.status, a.len), (200, SIZE), "{}", a.head);
     assert_eq!(a.digest, digest);
     assert_eq!(
@@ -278,15 +282,7 @@ async fn stalled_download(toml: &str) {
     );
     // The registry, running again, serves the blob whole through archmerge.
     let port = s.proxy.port();
-    let path = format!("/v2/dl/stall/blobs/{digest}");
-    let again = tokio::task::spawn_blocking(move || {
-        let mut conn = connect(port);
-        conn.write_all(&get(&path)).unwrap();
-        read_response(&mut conn)
-    })
-    .await
-    .unwrap()
-    .unwrap();
+    let again = download(port, format!("/v2/dl/stall/blobs/{digest}")).await;
     assert_eq!(again.digest, digest);
 }
 
