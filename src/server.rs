@@ -166,8 +166,9 @@ async fn dispatch(
             ))
             .await
         }
+        // Boxed too: the zero-copy try holds the registry's answer head.
         (&Method::GET, Route::Blob { .. }, _) => {
-            match app.downloads.get(&app.upstream, req, &client).await {
+            match Box::pin(app.downloads.get(&app.upstream, req, &client)).await {
                 Download::Answered(resp) => Ok(resp),
                 Download::TimedOut(after) => Err(ProxyError::UpstreamTimeout(after)),
                 Download::Declined { req, failed } => {
