@@ -189,6 +189,22 @@ fn median(v: &[f64]) -> f64 {
 
 // === interleaved repeats ===
 
+/// The goal of archmerge's median throughput against direct's.
+fn throughput_goal(res: &mut Results, what: &str, reps: &Repeats, goal: f64, unit: &str) {
+    let ratio = reps.ratio(ARCHMERGE);
+    res.goal(
+        &format!("{what} >= {goal}x direct (median)"),
+        format!(
+            "{:.3}x (range {}; {:.0} vs {:.0} {unit})",
+            ratio.median,
+            ratio.show(2),
+            reps.tput(ARCHMERGE).median,
+            reps.tput(DIRECT).median
+        ),
+        ratio.median >= goal,
+    );
+}
+
 /// One figure per target and repeat: throughput, and the proxy's and the
 /// registry's CPU per unit of work in that repeat.
 struct Repeats {
@@ -402,18 +418,7 @@ async fn manifest_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         format!("{am:.0} us (range {})", reps.proxy(ARCHMERGE).show(0)),
         am <= GET_CPU_GOAL_US,
     );
-    let ratio = reps.ratio(ARCHMERGE);
-    res.goal(
-        "manifest GET >= 0.95x direct (median)",
-        format!(
-            "{:.3}x (range {}; {:.0} vs {:.0} req/s)",
-            ratio.median,
-            ratio.show(2),
-            reps.tput(ARCHMERGE).median,
-            reps.tput(DIRECT).median
-        ),
-        ratio.median >= 0.95,
-    );
+    throughput_goal(res, "manifest GET", &reps, 0.95, "req/s");
     Ok(())
 }
 
@@ -763,18 +768,7 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         u.median <= 0.2,
     );
     for (what, r, goal) in [("download", &down, 0.9), ("upload", &up, 0.95)] {
-        let ratio = r.ratio(ARCHMERGE);
-        res.goal(
-            &format!("{what} >= {goal}x direct (median)"),
-            format!(
-                "{:.3}x (range {}; {:.0} vs {:.0} MiB/s)",
-                ratio.median,
-                ratio.show(2),
-                r.tput(ARCHMERGE).median,
-                r.tput(DIRECT).median
-            ),
-            ratio.median >= goal,
-        );
+        throughput_goal(res, what, r, goal, "MiB/s");
     }
     Ok(())
 }
