@@ -57,9 +57,16 @@ if ((${#need[@]})); then
         apt-get install -y --no-install-recommends "${need[@]}"
 fi
 
-note "cargo build --profile profiling (archmerge: release, with symbols)"
-cargo build --profile profiling --bin archmerge
-archmerge_bin=$root/target/profiling/archmerge
+if [ -n "${BENCH_ARCHMERGE_BIN:-}" ]; then
+    # Another build of archmerge (say, one to compare with this one).
+    archmerge_bin=$(realpath "$BENCH_ARCHMERGE_BIN")
+    [ -x "$archmerge_bin" ] || die "BENCH_ARCHMERGE_BIN=$BENCH_ARCHMERGE_BIN is not an executable"
+    note "archmerge: $archmerge_bin (BENCH_ARCHMERGE_BIN)"
+else
+    note "cargo build --profile profiling (archmerge: release, with symbols)"
+    cargo build --profile profiling --bin archmerge
+    archmerge_bin=$root/target/profiling/archmerge
+fi
 
 note "cargo bench --no-run (the load generator)"
 # The bench target's own artifact (cargo also builds the archmerge binary
