@@ -16,6 +16,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -183,7 +184,7 @@ impl Listener {
             conn.downlink = Some(Arc::default());
         }
         let downlink = conn.downlink.clone();
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let body_progress = self.body_progress;
         let service = service_fn({
             let activity = activity.clone();
@@ -235,39 +236,69 @@ const IDLE_GRACE: Duration = Duration::from_secs(5);
 // === requests in flight ===
 
 /// The requests in flight on one connection, so that an idle one can be
-/// told apart from one that waits for the registry or streams a blob.
-#[derive(Default)]
+/// told apart from one that waits for the registry or streams a blob. A
+/// request costs two atomic updates and a clock read; only the idle timer
+/// ever waits on this, and it wakes once per `idle` period, not once per
+/// request.
 struct Activity {
-    in_flight: watch::Sender<usize>,
+    in_flight: AtomicUsize,
+    /// When the connection began.
+    began: tokio::time::Instant,
+    /// When the last request ended, in microseconds after `began`
+    /// (rounded up: never earlier than it did).
+    last_ended_us: AtomicU64,
 }
 
 /// One request in flight, from its head to the end of its answer.
 struct InFlight(Arc<Activity>);
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            began: tokio::time::Instant::now(),
+            last_ended_us: AtomicU64::new(0),
+        }
+    }
+
     fn begin(self: &Arc<Self>) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
         InFlight(self.clone())
+    }
+
+    /// Since when nothing has been in flight, if nothing is.
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return None;
+        }
+        let us = self.last_ended_us.load(Ordering::SeqCst);
+        Some(self.began + Duration::from_micros(us))
     }
 
     /// Completes once the connection has had no request in flight for
     /// `limit` in a row.
     async fn idle_for(&self, limit: Duration) {
-        let mut seen = self.in_flight.subscribe();
+        let mut check = self.began + limit;
         loop {
-            // The sender lives as long as `self`: these never fail.
-            let _ = seen.wait_for(|n| *n == 0).await;
-            tokio::select! {
-                _ = tokio::time::sleep(limit) => return,
-                _ = seen.changed() => {}
-            }
+            tokio::time::sleep_until(check).await;
+            let now = tokio::time::Instant::now();
+            check = match self.idle_since() {
+                Some(since) if since + limit <= now => return,
+                Some(since) => since + limit,
+                None => now + limit,
+            };
         }
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n -= 1);
+        let activity = &self.0;
+        let us = activity.began.elapsed().as_micros() as u64 + 1;
+        // Stored before the count drops, so an idle check that sees none in
+        // flight sees this end too.
+        activity.last_ended_us.fetch_max(us, Ordering::SeqCst);
+        activity.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -590,5 +621,54 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// When `activity.idle_for(limit)` completes, measured from now.
+    async fn idle_after(activity: &Arc<Activity>, limit: Duration) -> Duration {
+        let started = tokio::time::Instant::now();
+        activity.idle_for(limit).await;
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_idle_only_a_full_limit_after_its_last_request_ended() {
+        let limit = Duration::from_millis(200);
+        let activity = Arc::new(Activity::new());
+        // A request in flight for three limits, then one short one.
+        let requests = {
+            let activity = activity.clone();
+            async move {
+                let long = activity.begin();
+                tokio::time::sleep(3 * limit).await;
+                drop(long);
+                tokio::time::sleep(limit / 2).await;
+                drop(activity.begin());
+                tokio::time::Instant::now()
+            }
+        };
+        let started = tokio::time::Instant::now();
+        let (idle, last_ended) = tokio::join!(idle_after(&activity, limit), requests);
+        let last_ended = last_ended - started;
+        assert!(
+            idle >= last_ended + limit,
+            "idle after {idle:?}, though the last request ended at {last_ended:?}"
+        );
+        assert!(
+            idle < last_ended + limit + Duration::from_secs(2),
+            "idle only after {idle:?} (last request ended at {last_ended:?})"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_never_had_a_request_is_idle_after_the_limit() {
+        let limit = Duration::from_millis(200);
+        let activity = Arc::new(Activity::new());
+        let idle = idle_after(&activity, limit).await;
+        assert!(idle >= limit - Duration::from_millis(5) && idle < limit + Duration::from_secs(2));
     }
 }
