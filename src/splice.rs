@@ -510,12 +510,7 @@ fn response(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body
 
 /// Whether the registry closes the connection after this answer.
 fn closes(headers: &HeaderMap) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"))
+    forward::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
 }
 
 /// The head of the registry's answer, and the body bytes read with it.
