@@ -57,7 +57,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    keep_freed_memory();
     let cli = Cli::parse();
     let (settings, quiet) = match &cli.command {
         Command::Serve(s) | Command::CheckConfig(s) => (s, false),
@@ -90,32 +89,6 @@ fn main() -> ExitCode {
         }
     }
 }
-
-/// glibc's allocator hands freed memory back to the kernel eagerly, and its
-/// threshold for giving a large block a mapping of its own moves with what
-/// was freed last. A streamed body arrives in blocks of up to a few hundred
-/// KiB, each allocated afresh (hyper hands on the parts of its read buffer,
-/// so the next read needs a new one): with the defaults most land on pages
-/// just given back, and the page faults of copying into them took about a
-/// third of archmerge's CPU per uploaded GiB (`bench/README.md`). Fixed
-/// thresholds keep such blocks in the heap, and up to 16 MiB of it free
-/// for the next. An operator's own `GLIBC_TUNABLES` for malloc win.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    let tuned = std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc."));
-    if tuned {
-        return;
-    }
-    // SAFETY: mallopt only sets two of the allocator's parameters, and runs
-    // before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
 
 fn init_tracing(format: LogFormat, quiet: bool) {
     // One-shot commands print their own output; their logs stay at warn.

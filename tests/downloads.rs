@@ -2,8 +2,7 @@
 //! from socket to socket on a plaintext HTTP/1.1 connection, copied for
 //! HTTP/2, TLS or when zero-copy is off), the client gets the registry's
 //! bytes exactly, its connection serves on, and a registry that stalls or
-//! breaks off mid-blob ends the download instead of hanging it. And what a
-//! streamed upload costs archmerge in fresh memory.
+//! breaks off mid-blob ends the download instead of hanging it.
 //!
 //! archmerge runs in front of the real registry; the client speaks raw
 //! HTTP/1.1 over a socket, so what is on the wire is what is checked.
@@ -285,29 +284,6 @@ async fn stalled_download(toml: &str) {
     let port = s.proxy.port();
     let again = download(port, format!("/v2/dl/stall/blobs/{digest}")).await;
     assert_eq!(again.digest, digest);
-}
-
-/// The pieces of a streamed upload land in memory archmerge already has:
-/// it takes few page faults, whatever the size. (With glibc's defaults most
-/// pieces got pages just handed back to the kernel: about one fault for
-/// every four pages of the body, a third of archmerge's CPU per GiB.)
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_streamed_upload_reuses_memory_instead_of_faulting_in_fresh_pages() {
-    const UPLOAD: usize = 64 * 1024 * 1024;
-    let s = Stack::new();
-    // The first upload sets up what every later one reuses (buffers,
-    // pooled connections).
-    put_blob(&http(), &s.proxy.url(), "up/app", &Seeded::bytes(6, UPLOAD)).await;
-    let body = Seeded::bytes(7, UPLOAD);
-    let before = s.proxy.minor_faults();
-    put_blob(&http(), &s.proxy.url(), "up/app", &body).await;
-    let faults = s.proxy.minor_faults() - before;
-    let pages = (UPLOAD / 4096) as u64;
-    eprintln!("{faults} page faults for an upload of {pages} pages");
-    assert!(
-        faults < pages / 16,
-        "{faults} page faults in archmerge for an upload of {pages} pages"
-    );
 }
 
 fn signal(pid: u32, which: &str) {

@@ -275,22 +275,6 @@ impl Archmerge {
     pub fn rss_bytes(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS:") * 1024
     }
-
-    /// Minor page faults so far (`minflt` of /proc/PID/stat): pages the
-    /// kernel had to map in, each time archmerge touched memory it had none
-    /// behind.
-    pub fn minor_faults(&self) -> u64 {
-        let pid = self.pid();
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
-            .unwrap_or_else(|e| panic!("reading /proc/{pid}/stat: {e}"));
-        // Fields after the command name, which is in parentheses and may
-        // hold spaces: state is field 3, minflt field 10.
-        let rest = &stat[stat.rfind(')').expect("no command name in stat") + 2..];
-        rest.split(' ')
-            .nth(7)
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no minflt in /proc/{pid}/stat: {stat}"))
-    }
 }
 
 fn proc_status_kib(pid: u32, key: &str) -> u64 {
