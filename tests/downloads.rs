@@ -100,26 +100,6 @@ async fn pushed_blob(s: &Stack, repo: &str, seed: u64) -> String {
     put_blob(&http(), &s.registry.url(), repo, &Seeded::bytes(seed, SIZE)).await
 }
 
-/// The sum of every sample of the metric `name`, from the admin listener.
-async fn metric(s: &Stack, name: &str) -> f64 {
-    let text = http()
-        .get(format!("{}/metrics", s.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let name_part = series.split('{').next()?;
-            (name_part == name).then(|| value.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 const SPLICED: &str = "archmerge_spliced_bytes_total";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -175,7 +155,7 @@ async fn a_blob_is_spliced_to_a_plain_http11_client_byte_for_byte_and_the_connec
     assert_eq!(answers[4].status, 200, "{}", answers[4].head);
 
     // Spliced, not copied: all but what came with the registry's head.
-    let spliced = metric(&s, SPLICED).await;
+    let spliced = s.metric(SPLICED).await;
     assert!(
         spliced >= 2.0 * (SIZE - 64 * 1024) as f64 && spliced <= 2.0 * SIZE as f64,
         "{spliced} bytes spliced for two blobs of {SIZE}"
@@ -194,7 +174,7 @@ async fn with_zero_copy_downloads_off_or_over_http2_the_same_bytes_are_copied() 
     assert_eq!((a.status, a.len), (200, SIZE), "{}", a.head);
     assert_eq!(a.digest, digest);
     assert_eq!(
-        metric(&s, SPLICED).await,
+        s.metric(SPLICED).await,
         0.0,
         "spliced with zero_copy_downloads = false"
     );
@@ -215,7 +195,7 @@ async fn with_zero_copy_downloads_off_or_over_http2_the_same_bytes_are_copied() 
     assert_eq!(res.status(), 200);
     let body = res.bytes().await.unwrap();
     assert_eq!(digest_of(&body), digest);
-    assert_eq!(metric(&s, SPLICED).await, 0.0, "spliced over HTTP/2");
+    assert_eq!(s.metric(SPLICED).await, 0.0, "spliced over HTTP/2");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,30 +186,6 @@ impl Stack {
             .filter(|l| l.contains(NON_IMAGE_LOG) && l.contains(arch_tag) && l.contains(digest))
             .count()
     }
-
-    /// The sum of every sample of the metric `name` (whatever its labels),
-    /// from the admin listener; 0 when there is none.
-    async fn metric(&self, name: &str) -> f64 {
-        let url = format!("{}/metrics", self.admin_url());
-        let text = http()
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-            .text()
-            .await
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let metric = series.split('{').next()?;
-                (metric == name)
-                    .then(|| value.parse::<f64>().ok())
-                    .flatten()
-            })
-            .sum()
-    }
 }
 
 /// A whole answer to a request that is not a manifest GET.
