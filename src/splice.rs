@@ -478,11 +478,7 @@ impl Downloads {
         } else {
             // Without a file descriptor for a pipe, the ordinary path asks
             // again.
-            let (pipe_read, pipe_write) =
-                rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).ok()?;
-            let pipe_size = rustix::pipe::fcntl_setpipe_size(&pipe_write, CHUNK)
-                .or_else(|_| rustix::pipe::fcntl_getpipe_size(&pipe_write))
-                .unwrap_or(64 * 1024);
+            let (pipe_read, pipe_write, pipe_size) = pipe().ok()?;
             *link.lock() = Some(Source {
                 upstream: conn,
                 pipe_read,
@@ -499,6 +495,16 @@ impl Downloads {
         }
         Some(response(status, headers, body::stream(body)))
     }
+}
+
+/// A non-blocking pipe (read end, write end) and its capacity: [`CHUNK`]
+/// when the kernel allows it.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd, usize)> {
+    let (read, write) = rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC)?;
+    let size = rustix::pipe::fcntl_setpipe_size(&write, CHUNK)
+        .or_else(|_| rustix::pipe::fcntl_getpipe_size(&write))
+        .unwrap_or(64 * 1024);
+    Ok((read, write, size))
 }
 
 fn response(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body> {
@@ -523,6 +529,11 @@ struct Answer {
 /// Writes a request head and reads the answer's head.
 async fn exchange(conn: &mut TcpStream, head: &[u8]) -> io::Result<Answer> {
     conn.write_all(head).await?;
+    read_head(conn).await
+}
+
+/// Reads the head of the registry's answer.
+async fn read_head(conn: &mut TcpStream) -> io::Result<Answer> {
     let mut buf = BytesMut::with_capacity(MAX_HEAD);
     loop {
         if conn.read_buf(&mut buf).await? == 0 {
@@ -576,13 +587,15 @@ fn request_head(
     authority: &str,
 ) -> Vec<u8> {
     let mut bare = Request::new(());
+    *bare.method_mut() = req.method().clone();
     *bare.uri_mut() = req.uri().clone();
     *bare.headers_mut() = req.headers().clone();
     let (parts, ()) = bare.into_parts();
     let out = forward::upstream_request(upstream, parts, body::empty(), client);
     let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(out.method().as_str().as_bytes());
+    head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     head.extend_from_slice(authority.as_bytes());
