@@ -13,64 +13,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest as _, Sha256};
-
 use support::*;
 
 /// The blob: large enough to need many pipe-fulls, not a multiple of one.
 const SIZE: usize = 24 * 1024 * 1024 + 12_345;
-
-/// A response read off a raw connection: its head, and its body's length
-/// and digest (the body itself is hashed as it arrives, not kept).
-#[derive(Debug)]
-struct Download {
-    status: u16,
-    head: String,
-    len: usize,
-    digest: String,
-}
-
-/// Reads one response, its body by `Content-Length`; `None` when the
-/// connection ended first, with how much of the body had come.
-fn read_response(conn: &mut TcpStream) -> Result<Download, (String, usize)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match conn.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => return Err((String::from_utf8_lossy(&head).into_owned(), 0)),
-        }
-    }
-    let head = String::from_utf8(head).unwrap();
-    let status = head[9..12].parse().unwrap();
-    let length: usize = head
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(':')?;
-            name.eq_ignore_ascii_case("content-length")
-                .then(|| value.trim().parse().unwrap())
-        })
-        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
-    let mut hash = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut got = 0;
-    while got < length {
-        let want = buf.len().min(length - got);
-        match conn.read(&mut buf[..want]) {
-            Ok(0) | Err(_) => return Err((head, got)),
-            Ok(n) => {
-                hash.update(&buf[..n]);
-                got += n;
-            }
-        }
-    }
-    Ok(Download {
-        status,
-        head,
-        len: got,
-        digest: format!("sha256:{}", hex(&hash.finalize())),
-    })
-}
 
 fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes()
@@ -84,11 +30,11 @@ fn connect(port: u16) -> TcpStream {
 }
 
 /// One GET on a fresh connection, read whole.
-async fn download(port: u16, path: String) -> Download {
+async fn download(port: u16, path: String) -> HashedAnswer {
     tokio::task::spawn_blocking(move || {
         let mut conn = connect(port);
         conn.write_all(&get(&path)).unwrap();
-        read_response(&mut conn)
+        read_hashed_answer(&mut conn)
     })
     .await
     .unwrap()
@@ -120,20 +66,20 @@ async fn a_blob_is_spliced_to_a_plain_http11_client_byte_for_byte_and_the_connec
         // then the API root on the same connection.
         conn.write_all(&get(&format!("/v2/dl/app/blobs/{first}")))
             .unwrap();
-        let mut answers = vec![read_response(&mut conn)];
+        let mut answers = vec![read_hashed_answer(&mut conn)];
         let mut pipelined = get(&format!("/v2/dl/app/blobs/{small}"));
         pipelined.extend(get(&format!("/v2/dl/app/blobs/{unknown}")));
         pipelined.extend(get(&format!("/v2/dl/app/blobs/{second}")));
         pipelined.extend(get("/v2/"));
         conn.write_all(&pipelined).unwrap();
         for _ in 0..4 {
-            answers.push(read_response(&mut conn));
+            answers.push(read_hashed_answer(&mut conn));
         }
         answers
     })
     .await
     .unwrap();
-    let answers: Vec<Download> = answers
+    let answers: Vec<HashedAnswer> = answers
         .into_iter()
         .map(|a| a.unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}")))
         .collect();

@@ -13,6 +13,9 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest as _, Sha256};
+
+use super::hex;
 use super::process::{log_file, read_log, wait_for};
 use super::registry::REGISTRY_BIN;
 use super::Registry;
@@ -168,6 +171,62 @@ fn parse_answer(buf: &[u8]) -> RawAnswer {
         head,
         body: buf[end..].to_vec(),
     }
+}
+
+/// A response read off a raw connection: its head, and its body's length
+/// and digest (the body itself is hashed as it arrives, not kept).
+#[derive(Debug)]
+pub struct HashedAnswer {
+    /// The status code.
+    pub status: u16,
+    /// The header block, status line included.
+    pub head: String,
+    /// How many body bytes came.
+    pub len: usize,
+    /// The body's digest, `sha256:…`.
+    pub digest: String,
+}
+
+/// Reads one response, its body by `Content-Length` (hashed as it comes, for
+/// bodies of any size); an error when the connection ended first, with how much of the body had come.
+pub fn read_hashed_answer(conn: &mut TcpStream) -> Result<HashedAnswer, (String, usize)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match conn.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => return Err((String::from_utf8_lossy(&head).into_owned(), 0)),
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    let status = head[9..12].parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("no Content-Length: {head}"));
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    while got < length {
+        let want = buf.len().min(length - got);
+        match conn.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => return Err((head, got)),
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                got += n;
+            }
+        }
+    }
+    Ok(HashedAnswer {
+        status,
+        head,
+        len: got,
+        digest: format!("sha256:{}", hex(&hash.finalize())),
+    })
 }
 
 /// What became of a connection fed slowly by [`trickle`].
