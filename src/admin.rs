@@ -62,6 +62,7 @@ pub async fn run(
         idle: app.config.timeouts.idle,
         body_progress: app.config.timeouts.body_progress,
         zero_copy: false,
+        zero_copy_uploads: false,
     };
     let handler = move |req, _: Peer| {
         let (app, queue) = (app.clone(), queue.clone());

@@ -71,6 +71,10 @@ pub struct ClientBody {
     stalled: Option<Arc<AtomicBool>>,
     /// Whether the registry sends this body (not the client).
     from_registry: bool,
+    /// The body left on the client's socket to be spliced, when the
+    /// connection's reader did that (hyper then reads none of it). Boxed:
+    /// every request's body carries the field.
+    spliced: Option<Box<crate::splice::Upload>>,
 }
 
 /// Why a client's request body ended early.
@@ -97,7 +101,18 @@ impl ClientBody {
             waiting: false,
             stalled: None,
             from_registry: false,
+            spliced: None,
         }
+    }
+
+    /// This body is `upload`, left on the socket for splicing.
+    pub(crate) fn set_spliced(&mut self, upload: crate::splice::Upload) {
+        self.spliced = Some(Box::new(upload));
+    }
+
+    /// The body to splice, if it is one.
+    pub(crate) fn take_spliced(&mut self) -> Option<crate::splice::Upload> {
+        self.spliced.take().map(|upload| *upload)
     }
 
     /// A registry's body, failing with [`ClientBodyError::RegistryStalled`]

@@ -95,6 +95,7 @@ struct RawConfig {
     max_connections: Option<Spanned<usize>>,
     manifest_buffer_mib: Option<Spanned<u64>>,
     zero_copy_downloads: Option<bool>,
+    zero_copy_uploads: Option<bool>,
     #[serde(default)]
     upstream_auth: RawUpstreamAuth,
     #[serde(default)]
@@ -264,6 +265,9 @@ pub struct Config {
     /// Whether blob downloads from a plaintext registry to a plaintext
     /// HTTP/1.1 client are spliced (`crate::splice`) instead of copied.
     pub zero_copy_downloads: bool,
+    /// Whether blob upload bodies from a plaintext HTTP/1.1 client to a
+    /// plaintext registry are spliced (`crate::splice`) instead of copied.
+    pub zero_copy_uploads: bool,
     /// Timeouts.
     pub timeouts: Timeouts,
     /// Caches.
@@ -620,6 +624,7 @@ impl<'a> Check<'a> {
                 max_connections,
                 manifest_buffer_bytes,
                 zero_copy_downloads: raw.zero_copy_downloads.unwrap_or(true),
+                zero_copy_uploads: raw.zero_copy_uploads.unwrap_or(true),
                 timeouts,
                 cache,
                 merge: MergeConfig { rules },

@@ -49,6 +49,10 @@ pub enum ProxyError {
     /// The client stopped sending its request body.
     #[error("the client sent no body data for {0:?}")]
     ClientStalled(Duration),
+    /// A spliced blob upload's body broke off on the client's side (it
+    /// closed, or its connection failed).
+    #[error("the upload's body broke off: {0}")]
+    UploadBroken(String),
     /// archmerge is at a limit of its own (buffered manifest bytes); the
     /// client should retry shortly.
     #[error("archmerge is busy: {0}; retry shortly")]
@@ -69,7 +73,8 @@ impl ProxyError {
             | ProxyError::ManifestTooLarge { .. }
             | ProxyError::ClientBody(_)
             | ProxyError::ClientTimeout(_)
-            | ProxyError::ClientStalled(_) => Fault::Client,
+            | ProxyError::ClientStalled(_)
+            | ProxyError::UploadBroken(_) => Fault::Client,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => Fault::Upstream,
             ProxyError::Busy(_) => Fault::Overload,
         }
@@ -78,7 +83,9 @@ impl ProxyError {
     /// The HTTP status of the answer.
     pub fn status(&self) -> StatusCode {
         match self {
-            ProxyError::Route(_) | ProxyError::ClientBody(_) => StatusCode::BAD_REQUEST,
+            ProxyError::Route(_) | ProxyError::ClientBody(_) | ProxyError::UploadBroken(_) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::ManifestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::ClientTimeout(_) | ProxyError::ClientStalled(_) => {
                 StatusCode::REQUEST_TIMEOUT
@@ -96,6 +103,7 @@ impl ProxyError {
             ProxyError::ManifestTooLarge { .. } => ErrorCode::SizeInvalid,
             ProxyError::ClientBody(_) | ProxyError::ClientTimeout(_) => ErrorCode::ManifestInvalid,
             ProxyError::ClientStalled(_) | ProxyError::Busy(_) => ErrorCode::TooManyRequests,
+            ProxyError::UploadBroken(_) => ErrorCode::BlobUploadInvalid,
             ProxyError::UpstreamUnreachable(_) | ProxyError::UpstreamTimeout(_) => {
                 ErrorCode::Unavailable
             }

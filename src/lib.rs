@@ -20,8 +20,9 @@
 //!   graceful shutdown.
 //! - [`route`] — pure: `/v2/<name>/…` parsed from the right into a [`route::Route`].
 //! - [`forward`] — transparent streaming pass-through, header and `Location` rewriting.
-//! - `splice` — zero-copy blob downloads: on plaintext HTTP/1.1, a blob's
-//!   body moves from the registry's socket to the client's by `splice(2)`.
+//! - `splice` — zero-copy blob downloads and uploads: on plaintext
+//!   HTTP/1.1, a blob's body moves between the registry's socket and the
+//!   client's by `splice(2)`.
 //! - [`intercept`] — manifest PUT/DELETE: forward first, then ask the rules what
 //!   the write touches and bring those targets up to date.
 //! - [`serve`] — serve mode: synthesized indexes answered, authorized per request.

@@ -34,7 +34,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Body, BoxError, ClientBody};
-use crate::splice::{self, Downlink};
+use crate::splice::{self, Downlink, Framer, Uplink};
 
 /// How long in-flight requests may run after a shutdown signal.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -68,6 +68,10 @@ pub(crate) struct Listener {
     /// Whether plaintext HTTP/1.1 connections may splice blob bodies
     /// ([`crate::splice`]): each request of one carries its [`Downlink`].
     pub(crate) zero_copy: bool,
+    /// Whether plaintext HTTP/1.1 connections may splice blob upload bodies
+    /// ([`crate::splice`]): such a request's body is then left on the
+    /// socket, and its [`ClientBody`] says so.
+    pub(crate) zero_copy_uploads: bool,
 }
 
 impl Listener {
@@ -180,8 +184,13 @@ impl Listener {
             tracing::debug!(peer = %addr, "no request within the header timeout");
             return;
         };
-        if self.zero_copy && matches!(conn.stream, Stream::Plain(_)) && conn.prefix != PREFACE {
+        let plain_h1 = matches!(conn.stream, Stream::Plain(_)) && conn.prefix != PREFACE;
+        if self.zero_copy && plain_h1 {
             conn.downlink = Some(Arc::default());
+        }
+        let mut uplink: Option<Arc<Uplink>> = None;
+        if self.zero_copy_uploads && plain_h1 {
+            conn = conn.framed(uplink.insert(Arc::default()).clone(), self.header_read);
         }
         let downlink = conn.downlink.clone();
         let activity = Arc::new(Activity::new());
@@ -193,6 +202,12 @@ impl Listener {
                 let mut req = req.map(|b| ClientBody::new(b, body_progress));
                 if let Some(link) = &downlink {
                     req.extensions_mut().insert(link.clone());
+                }
+                // hyper calls this as it reads the head, before it reads
+                // another: a body the reader left on the socket is this
+                // request's.
+                if let Some(upload) = uplink.as_ref().and_then(Uplink::take) {
+                    req.body_mut().set_spliced(upload);
                 }
                 let answer = handler(req, peer);
                 async move {
@@ -463,6 +478,9 @@ async fn first_bytes(mut stream: Stream, limit: Duration) -> Option<Conn> {
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Plain, read through a [`Framer`] (which lends the socket to the
+    /// handler of a spliced upload).
+    Framed(Box<Framer>),
 }
 
 /// A client's stream with the bytes already read from it (by the first
@@ -483,6 +501,34 @@ impl Conn {
         }
     }
 
+    /// The same plaintext connection, its reads through a [`Framer`] that
+    /// leaves upload bodies on the socket for splicing (with the first
+    /// bytes in front).
+    fn framed(self, link: Arc<Uplink>, header_read: Duration) -> Conn {
+        let Conn {
+            prefix,
+            stream,
+            downlink,
+        } = self;
+        let stream = match stream {
+            Stream::Plain(tcp) => {
+                Stream::Framed(Box::new(Framer::new(tcp, link, &prefix, header_read)))
+            }
+            other => {
+                return Conn {
+                    prefix,
+                    stream: other,
+                    downlink,
+                }
+            }
+        };
+        Conn {
+            prefix: Bytes::new(),
+            stream,
+            downlink,
+        }
+    }
+
     /// Splices in place of a placeholder `hyper` writes; `None` when `buf`
     /// is real bytes. A placeholder on a connection that does not splice
     /// fails it: its zeros are never sent.
@@ -496,6 +542,9 @@ impl Conn {
         }
         Some(match (&self.downlink, &self.stream) {
             (Some(link), Stream::Plain(tcp)) => link.poll_splice(cx, tcp, buf.len()),
+            (Some(link), Stream::Framed(framer)) => {
+                framer.poll_io(cx, |cx, tcp| link.poll_splice(cx, tcp, buf.len()))
+            }
             _ => Poll::Ready(Err(io::Error::other(
                 "a placeholder reached a connection that does not splice",
             ))),
@@ -512,6 +561,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Framed(f) => f.poll_read(cx, buf),
         }
     }
 }
@@ -525,6 +575,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, data),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, data),
+            Stream::Framed(f) => f.poll_io(cx, |cx, tcp| Pin::new(tcp).poll_write(cx, data)),
         }
     }
 
@@ -536,12 +587,15 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Framed(f) => {
+                f.poll_io(cx, |cx, tcp| Pin::new(tcp).poll_write_vectored(cx, bufs))
+            }
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Plain(_) | Stream::Framed(_) => true,
             Stream::Tls(s) => s.is_write_vectored(),
         }
     }
@@ -550,6 +604,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            // A socket buffers nothing of its own to flush.
+            Stream::Framed(_) => Poll::Ready(Ok(())),
         }
     }
 
@@ -557,6 +613,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Framed(f) => f.poll_io(cx, |cx, tcp| Pin::new(tcp).poll_shutdown(cx)),
         }
     }
 }

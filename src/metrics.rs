@@ -82,6 +82,8 @@ pub struct Metrics {
     /// Blob bytes moved from the registry to clients by splice(2), never
     /// copied through archmerge.
     pub spliced_bytes: Counter,
+    /// Blob upload bytes moved by `splice(2)`.
+    pub spliced_upload_bytes: Counter,
     /// Cache hits by cache.
     pub cache_hits: Family<CacheLabels, Counter>,
     /// Cache misses by cache.
@@ -144,6 +146,12 @@ impl Metrics {
             "Blob bytes moved from the registry to clients by splice(2), never copied through archmerge",
             spliced_bytes.clone(),
         );
+        let spliced_upload_bytes = Counter::default();
+        registry.register(
+            "spliced_upload_bytes",
+            "Blob bytes moved from clients to the registry by splice(2), never copied through archmerge",
+            spliced_upload_bytes.clone(),
+        );
         let upstream_requests = Family::<MethodLabels, Counter>::default();
         registry.register(
             "upstream_requests",
@@ -173,6 +181,7 @@ impl Metrics {
             upstream_requests,
             upstream_seconds,
             spliced_bytes,
+            spliced_upload_bytes,
             cache_hits,
             cache_misses,
         }

@@ -35,6 +35,8 @@ pub enum ErrorCode {
     Unavailable,
     /// Client sent too many requests or too slowly.
     TooManyRequests,
+    /// A blob upload's body did not arrive whole.
+    BlobUploadInvalid,
 }
 
 /// One entry of an OCI error body.

@@ -81,6 +81,7 @@ pub async fn run(
         idle: app.config.timeouts.idle,
         body_progress: app.config.timeouts.body_progress,
         zero_copy: app.config.zero_copy_downloads,
+        zero_copy_uploads: app.downloads.splices_uploads(),
     };
     let handler = move |req, peer: Peer| {
         let app = app.clone();
@@ -147,8 +148,14 @@ async fn dispatch(
     peer: SocketAddr,
     tls: bool,
 ) -> Result<Response<Body>, ProxyError> {
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
     let client = ClientSide::of(&app.config, &parts, peer, tls);
+    // A blob upload whose body the connection's reader left on the socket
+    // (always one of the `Upload` route): it is spliced, or nothing reads it.
+    if let Some(upload) = body.take_spliced() {
+        let req = Request::from_parts(parts, body);
+        return Ok(Box::pin(app.downloads.upload(&app.upstream, req, upload, &client)).await);
+    }
     let req = Request::from_parts(parts, body);
     match (req.method(), route, app.indexes.served()) {
         (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }, Some(aggregates)) => {

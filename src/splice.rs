@@ -25,6 +25,9 @@
 //! `upstream_headers_secs` to answer and, once the body flows, the same
 //! time between two pieces of it; a client that stops reading holds its
 //! own connection only, as it would anyway.
+//!
+//! Upload bodies are spliced the other way, beneath hyper's reader
+//! ([`upload`]); both share the registry connections made here.
 
 use std::future::Future;
 use std::io;
@@ -47,6 +50,10 @@ use crate::body::{self, Body, BoxError, ClientBody};
 use crate::config::Config;
 use crate::forward::{self, ClientSide};
 use crate::metrics::Metrics;
+
+mod upload;
+
+pub(crate) use upload::{Framer, Uplink, Upload};
 
 /// One placeholder chunk at most, and the pipe's size when the kernel
 /// allows it (`/proc/sys/fs/pipe-max-size` is 1 MiB by default).
@@ -287,6 +294,8 @@ pub(crate) struct Downloads {
     /// `host:port` of a plaintext registry; `None` when the registry speaks
     /// TLS (nothing is spliced) or the path is turned off.
     authority: Option<String>,
+    /// Whether blob uploads are spliced too.
+    uploads: bool,
     connect: Duration,
     headers: Duration,
     pool: Arc<Pool>,
@@ -344,6 +353,7 @@ impl Downloads {
         Downloads {
             authority: (plain && config.zero_copy_downloads)
                 .then(|| config.upstream.authority.to_string()),
+            uploads: config.zero_copy_uploads,
             connect: config.timeouts.connect,
             headers: config.timeouts.upstream_headers,
             pool: Arc::default(),

@@ -1,0 +1,402 @@
+//! Blob uploads: whichever way archmerge moves an upload's bytes (spliced
+//! from socket to socket for a `Content-Length` body on a plaintext
+//! HTTP/1.1 connection, copied for chunked bodies, HTTP/2, or when zero-copy
+//! is off), the registry stores the client's bytes exactly and the
+//! connection serves on; a client that stalls or a registry that refuses
+//! mid-body gets a clear answer and a closed connection, never a success
+//! for what the registry did not store.
+//!
+//! archmerge runs in front of the real registry; the client speaks raw
+//! HTTP/1.1 over a socket, so what is on the wire is what is checked.
+
+mod support;
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+/// The blob: many pipe-fulls, not a multiple of one.
+const SIZE: usize = 24 * 1024 * 1024 + 12_345;
+
+const SPLICED: &str = "archmerge_spliced_upload_bytes_total";
+
+fn connect(port: u16) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", port)).unwrap()
+}
+
+/// The path and query of an upload's `Location` (archmerge's origin
+/// checked).
+fn session(answer: &RawAnswer, port: u16) -> String {
+    let location = answer
+        .header("location")
+        .unwrap_or_else(|| panic!("no Location: {}", answer.head));
+    let origin = format!("http://127.0.0.1:{port}");
+    location
+        .strip_prefix(&origin)
+        .unwrap_or_else(|| panic!("Location {location} is not on archmerge's origin {origin}"))
+        .to_owned()
+}
+
+fn start_upload(conn: &mut TcpStream, port: u16, repo: &str) -> String {
+    conn.write_all(
+        format!(
+            "POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Length: 0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let answer = read_answer(conn, Duration::from_secs(10));
+    assert_eq!(answer.status, 202, "{}{}", answer.head, answer.text());
+    session(&answer, port)
+}
+
+fn with_digest(at: &str, digest: &str) -> String {
+    let sep = if at.contains('?') { '&' } else { '?' };
+    format!("{at}{sep}digest={digest}")
+}
+
+fn head(method: &str, target: &str, port: u16, len: usize) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/octet-stream\r\nContent-Length: {len}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+fn get_root(port: u16) -> Vec<u8> {
+    format!("GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").into_bytes()
+}
+
+/// The blob as the registry serves it, straight from the registry.
+async fn stored(s: &Stack, repo: &str, digest: &str) -> Option<String> {
+    let res = http()
+        .get(format!("{}/v2/{repo}/blobs/{digest}", s.registry.url()))
+        .send()
+        .await
+        .unwrap();
+    if res.status() == 404 {
+        return None;
+    }
+    assert_eq!(res.status(), 200);
+    Some(digest_of(&res.bytes().await.unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_body_is_spliced_to_the_registry_byte_for_byte_and_the_connection_serves_on() {
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let first = Seeded::bytes(11, SIZE);
+    let second = Seeded::bytes(12, SIZE);
+    let (first_digest, second_digest) = (digest_of(&first), digest_of(&second));
+    let (d1, d2) = (first_digest.clone(), second_digest.clone());
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        // The docker way: POST, one PATCH with the whole body, PUT with
+        // the digest; the PATCH's body is followed at once, in the same
+        // write, by two more requests on the connection.
+        let at = start_upload(&mut conn, port, "up/app");
+        let mut patch = head("PATCH", &at, port, first.len());
+        patch.extend_from_slice(&first);
+        patch.extend(get_root(port));
+        patch.extend(get_root(port));
+        conn.write_all(&patch).unwrap();
+        let patched = read_answer(&mut conn, Duration::from_secs(20));
+        let roots = [
+            read_answer(&mut conn, Duration::from_secs(5)),
+            read_answer(&mut conn, Duration::from_secs(5)),
+        ];
+        let at = session(&patched, port);
+        conn.write_all(&head("PUT", &with_digest(&at, &d1), port, 0))
+            .unwrap();
+        let put = read_answer(&mut conn, Duration::from_secs(10));
+        // A monolithic upload: the body with the closing PUT.
+        let at = start_upload(&mut conn, port, "up/app");
+        let mut mono = head("PUT", &with_digest(&at, &d2), port, second.len());
+        mono.extend_from_slice(&second);
+        conn.write_all(&mono).unwrap();
+        let mono = read_answer(&mut conn, Duration::from_secs(20));
+        conn.write_all(&get_root(port)).unwrap();
+        let last = read_answer(&mut conn, Duration::from_secs(5));
+        (patched, roots, put, mono, last)
+    })
+    .await
+    .unwrap();
+    let (patched, roots, put, mono, last) = answers;
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(
+        patched.header("range").as_deref(),
+        Some(format!("0-{}", SIZE - 1).as_str()),
+        "{}",
+        patched.head
+    );
+    for root in &roots {
+        assert_eq!(root.status, 200, "after a spliced body: {}", root.head);
+    }
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_eq!(mono.status, 201, "{}{}", mono.head, mono.text());
+    assert_eq!(
+        mono.header("docker-content-digest").as_deref(),
+        Some(second_digest.as_str())
+    );
+    assert!(
+        mono.header("location")
+            .is_some_and(|l| l.starts_with(&format!("http://127.0.0.1:{port}/v2/up/app/blobs/"))),
+        "{}",
+        mono.head
+    );
+    assert_eq!(last.status, 200, "{}", last.head);
+    assert_eq!(
+        stored(&s, "up/app", &first_digest).await,
+        Some(first_digest)
+    );
+    assert_eq!(
+        stored(&s, "up/app", &second_digest).await,
+        Some(second_digest)
+    );
+
+    // Spliced, not copied: all but what came with the request's head.
+    let spliced = s.metric(SPLICED).await;
+    assert!(
+        spliced >= 2.0 * (SIZE - 256 * 1024) as f64 && spliced <= 2.0 * SIZE as f64,
+        "{spliced} bytes spliced for two uploads of {SIZE}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_mid_upload_gets_408_its_connection_closed_and_nothing_stored() {
+    let s = Stack::with(ArchmergeOpts {
+        config_toml: Some("[timeouts]\nbody_progress_secs = 1\n".into()),
+        ..ArchmergeOpts::default()
+    });
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(13, 4 << 20);
+    let digest = digest_of(&blob);
+    let d = digest.clone();
+    let (answer, took, closed) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/stall");
+        // A monolithic PUT that sends a quarter of its body, then nothing.
+        conn.write_all(&head("PUT", &with_digest(&at, &d), port, blob.len()))
+            .unwrap();
+        conn.write_all(&blob[..blob.len() / 4]).unwrap();
+        let started = Instant::now();
+        let answer = read_answer(&mut conn, Duration::from_secs(10));
+        let took = started.elapsed();
+        // Then the connection ends: nothing more is read from it.
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let closed = matches!(
+            std::io::Read::read(&mut conn, &mut [0u8; 64]),
+            Ok(0) | Err(_)
+        );
+        (answer, took, closed)
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 408, "{}{}", answer.head, answer.text());
+    assert_eq!(oci_error_codes(&answer.body), ["TOO_MANY_REQUESTS"]);
+    assert_eq!(
+        answer.header("connection").map(|c| c.to_ascii_lowercase()),
+        Some("close".into()),
+        "{}",
+        answer.head
+    );
+    assert!(took < Duration::from_secs(5), "the 408 came after {took:?}");
+    assert!(
+        closed,
+        "the connection stayed open after its body broke off"
+    );
+    assert_eq!(stored(&s, "up/stall", &digest).await, None);
+
+    // archmerge serves on: the same upload, sent whole, is stored.
+    let blob = Seeded::bytes(13, 4 << 20);
+    put_blob(&http(), &s.proxy.url(), "up/stall", &blob).await;
+    assert_eq!(stored(&s, "up/stall", &digest).await, Some(digest));
+    assert!(s.metric(SPLICED).await >= (4 << 20) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registrys_refusal_of_a_spliced_upload_reaches_the_client() {
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let registry_port = s.registry.port();
+    let blob = Seeded::bytes(14, 8 << 20);
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let (mismatch, unknown, direct) = tokio::task::spawn_blocking(move || {
+        // A digest that is not the body's: the registry reads it all and
+        // says so.
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/refused");
+        let mut put = head("PUT", &with_digest(&at, &wrong), port, blob.len());
+        put.extend_from_slice(&blob);
+        conn.write_all(&put).unwrap();
+        let mismatch = read_answer(&mut conn, Duration::from_secs(20));
+        // An upload session the registry never opened, through archmerge
+        // and straight to the registry.
+        let unknown_session = |port: u16| {
+            let mut conn = connect(port);
+            let mut writer = conn.try_clone().unwrap();
+            let target = "/v2/up/refused/blobs/uploads/6b4d1f5e-0000-4000-8000-000000000000";
+            let mut patch = head("PATCH", target, port, blob.len());
+            patch.extend_from_slice(&blob);
+            let sender = std::thread::spawn(move || {
+                let _ = writer.write_all(&patch);
+            });
+            let answer = read_answer(&mut conn, Duration::from_secs(20));
+            drop(conn);
+            let _ = sender.join();
+            answer
+        };
+        (
+            mismatch,
+            unknown_session(port),
+            unknown_session(registry_port),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(mismatch.status, 400, "{}{}", mismatch.head, mismatch.text());
+    assert_eq!(oci_error_codes(&mismatch.body), ["DIGEST_INVALID"]);
+    assert!(direct.status >= 400, "{}{}", direct.head, direct.text());
+    assert_eq!(
+        (unknown.status, oci_error_codes(&unknown.body)),
+        (direct.status, oci_error_codes(&direct.body)),
+        "through archmerge: {}{}",
+        unknown.head,
+        unknown.text()
+    );
+}
+
+/// A chunked PATCH of `body` to `at`, then a GET on the same connection.
+fn chunked_patch(conn: &mut TcpStream, port: u16, at: &str, body: &[u8]) -> (RawAnswer, RawAnswer) {
+    let mut req = format!(
+        "PATCH {at} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(32 * 1024) {
+        req.extend(format!("{:x}\r\n", chunk.len()).into_bytes());
+        req.extend_from_slice(chunk);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    req.extend(get_root(port));
+    conn.write_all(&req).unwrap();
+    (
+        read_answer(conn, Duration::from_secs(20)),
+        read_answer(conn, Duration::from_secs(5)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same() {
+    // Chunked framing (how docker sends a layer): copied, and the
+    // connection serves on.
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(15, 3 << 20);
+    let digest = digest_of(&blob);
+    let (b, d) = (blob.clone(), digest.clone());
+    let (patched, root, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/chunked");
+        let (patched, root) = chunked_patch(&mut conn, port, &at, &b);
+        let at = session(&patched, port);
+        conn.write_all(&head("PUT", &with_digest(&at, &d), port, 0))
+            .unwrap();
+        (
+            patched,
+            root,
+            read_answer(&mut conn, Duration::from_secs(10)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(root.status, 200, "{}", root.head);
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_eq!(
+        stored(&s, "up/chunked", &digest).await,
+        Some(digest.clone())
+    );
+    assert_eq!(s.metric(SPLICED).await, 0.0, "a chunked body was spliced");
+
+    // HTTP/2 (prior knowledge) on an archmerge that splices HTTP/1.1.
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let blob = Seeded::bytes(16, 3 << 20);
+    let digest = put_blob(&h2, &s.proxy.url(), "up/h2", &blob).await;
+    assert_eq!(stored(&s, "up/h2", &digest).await, Some(digest));
+    assert_eq!(s.metric(SPLICED).await, 0.0, "spliced over HTTP/2");
+
+    // zero_copy_uploads = false.
+    let s = Stack::with(ArchmergeOpts {
+        config_toml: Some("zero_copy_uploads = false\n".into()),
+        ..ArchmergeOpts::default()
+    });
+    let blob = Seeded::bytes(17, 3 << 20);
+    let digest = put_blob(&http(), &s.proxy.url(), "up/off", &blob).await;
+    assert_eq!(stored(&s, "up/off", &digest).await, Some(digest));
+    assert_eq!(
+        s.metric(SPLICED).await,
+        0.0,
+        "spliced with zero_copy_uploads = false"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_pipelined_behind_a_download_waits_for_it_and_both_arrive_whole() {
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let pulled = Seeded::bytes(18, SIZE);
+    let pulled_digest = put_blob(&http(), &s.registry.url(), "up/pipe", &pulled).await;
+    let pushed = Seeded::bytes(19, SIZE);
+    let pushed_digest = digest_of(&pushed);
+    let (pd, d) = (pulled_digest.clone(), pushed_digest.clone());
+    let (download, patched, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/pipe");
+        // A blob GET (spliced to the client while its answer is written)
+        // and, in the same write, a PATCH whose body is spliced the other
+        // way: the PATCH's head arrives while the GET's answer is on its
+        // way.
+        let mut both =
+            format!("GET /v2/up/pipe/blobs/{pd} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")
+                .into_bytes();
+        both.extend(head("PATCH", &at, port, pushed.len()));
+        both.extend_from_slice(&pushed);
+        let mut writer = conn.try_clone().unwrap();
+        let sender = std::thread::spawn(move || writer.write_all(&both));
+        conn.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let download = read_hashed_answer(&mut conn);
+        let patched = read_answer(&mut conn, Duration::from_secs(20));
+        sender.join().unwrap().unwrap();
+        let at = session(&patched, port);
+        conn.write_all(&head("PUT", &with_digest(&at, &d), port, 0))
+            .unwrap();
+        (
+            download,
+            patched,
+            read_answer(&mut conn, Duration::from_secs(10)),
+        )
+    })
+    .await
+    .unwrap();
+    let download = download.unwrap_or_else(|(head, got)| panic!("cut off after {got}: {head}"));
+    assert_eq!(download.status, 200, "{}", download.head);
+    assert_eq!(download.len, SIZE);
+    assert_eq!(download.digest, pulled_digest);
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_eq!(
+        stored(&s, "up/pipe", &pushed_digest).await,
+        Some(pushed_digest)
+    );
+    assert!(s.metric(SPLICED).await >= (SIZE - 256 * 1024) as f64);
+    assert!(s.metric("archmerge_spliced_bytes_total").await >= (SIZE - 64 * 1024) as f64);
+}
