@@ -288,8 +288,8 @@ impl Source {
 
 // === the registry's side ===
 
-/// archmerge's own registry connections for zero-copy downloads, and how
-/// they are made.
+/// archmerge's own registry connections for zero-copy downloads (and
+/// uploads: [`upload`]), and how they are made.
 pub(crate) struct Downloads {
     /// `host:port` of a plaintext registry; `None` when the registry speaks
     /// TLS (nothing is spliced) or the path is turned off.

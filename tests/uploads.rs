@@ -39,6 +39,21 @@ fn session(answer: &RawAnswer, port: u16) -> String {
         .to_owned()
 }
 
+/// The next answer on a connection whose requests were pipelined: read to
+/// its end and no further (its body is not kept).
+fn next_answer(conn: &mut TcpStream) -> RawAnswer {
+    conn.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    match read_hashed_answer(conn) {
+        Ok(answer) => RawAnswer {
+            status: answer.status,
+            head: answer.head,
+            body: Vec::new(),
+        },
+        Err((head, got)) => panic!("the connection ended {got} bytes into an answer: {head}"),
+    }
+}
+
 fn start_upload(conn: &mut TcpStream, port: u16, repo: &str) -> String {
     conn.write_all(
         format!(
@@ -90,28 +105,37 @@ async fn an_upload_body_is_spliced_to_the_registry_byte_for_byte_and_the_connect
     let port = s.proxy.port();
     let first = Seeded::bytes(11, SIZE);
     let second = Seeded::bytes(12, SIZE);
+    let small = Seeded::bytes(10, 100_000);
+    let small_digest = digest_of(&small);
     let (first_digest, second_digest) = (digest_of(&first), digest_of(&second));
     let (d1, d2) = (first_digest.clone(), second_digest.clone());
     let answers = tokio::task::spawn_blocking(move || {
         let mut conn = connect(port);
         // The docker way: POST, one PATCH with the whole body, PUT with
-        // the digest; the PATCH's body is followed at once, in the same
-        // write, by two more requests on the connection.
+        // the digest. In one write: a small PATCH to another upload (its
+        // body read the ordinary way), then the PATCH, its body followed
+        // at once by two more requests on the connection.
+        let at_small = start_upload(&mut conn, port, "up/app");
         let at = start_upload(&mut conn, port, "up/app");
-        let mut patch = head("PATCH", &at, port, first.len());
-        patch.extend_from_slice(&first);
-        patch.extend(get_root(port));
-        patch.extend(get_root(port));
-        conn.write_all(&patch).unwrap();
-        let patched = read_answer(&mut conn, Duration::from_secs(20));
-        let roots = [
-            read_answer(&mut conn, Duration::from_secs(5)),
-            read_answer(&mut conn, Duration::from_secs(5)),
-        ];
+        let mut pipelined = head("PATCH", &at_small, port, small.len());
+        pipelined.extend_from_slice(&small);
+        pipelined.extend(head("PATCH", &at, port, first.len()));
+        pipelined.extend_from_slice(&first);
+        pipelined.extend(get_root(port));
+        pipelined.extend(get_root(port));
+        conn.write_all(&pipelined).unwrap();
+        let small_patched = next_answer(&mut conn);
+        let patched = next_answer(&mut conn);
+        let roots = [next_answer(&mut conn), next_answer(&mut conn)];
         let at = session(&patched, port);
         conn.write_all(&head("PUT", &with_digest(&at, &d1), port, 0))
             .unwrap();
         let put = read_answer(&mut conn, Duration::from_secs(10));
+        let at = session(&small_patched, port);
+        let small_digest = digest_of(&small);
+        conn.write_all(&head("PUT", &with_digest(&at, &small_digest), port, 0))
+            .unwrap();
+        let small_put = read_answer(&mut conn, Duration::from_secs(10));
         // A monolithic upload: the body with the closing PUT.
         let at = start_upload(&mut conn, port, "up/app");
         let mut mono = head("PUT", &with_digest(&at, &d2), port, second.len());
@@ -120,11 +144,18 @@ async fn an_upload_body_is_spliced_to_the_registry_byte_for_byte_and_the_connect
         let mono = read_answer(&mut conn, Duration::from_secs(20));
         conn.write_all(&get_root(port)).unwrap();
         let last = read_answer(&mut conn, Duration::from_secs(5));
-        (patched, roots, put, mono, last)
+        (small_put, patched, roots, put, mono, last)
     })
     .await
     .unwrap();
-    let (patched, roots, put, mono, last) = answers;
+    let (small_put, patched, roots, put, mono, last) = answers;
+    assert_eq!(
+        small_put.status,
+        201,
+        "{}{}",
+        small_put.head,
+        small_put.text()
+    );
     assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
     assert_eq!(
         patched.header("range").as_deref(),
@@ -148,6 +179,10 @@ async fn an_upload_body_is_spliced_to_the_registry_byte_for_byte_and_the_connect
         mono.head
     );
     assert_eq!(last.status, 200, "{}", last.head);
+    assert_eq!(
+        stored(&s, "up/app", &small_digest).await,
+        Some(small_digest)
+    );
     assert_eq!(
         stored(&s, "up/app", &first_digest).await,
         Some(first_digest)
@@ -284,10 +319,7 @@ fn chunked_patch(conn: &mut TcpStream, port: u16, at: &str, body: &[u8]) -> (Raw
     req.extend_from_slice(b"0\r\n\r\n");
     req.extend(get_root(port));
     conn.write_all(&req).unwrap();
-    (
-        read_answer(conn, Duration::from_secs(20)),
-        read_answer(conn, Duration::from_secs(5)),
-    )
+    (next_answer(conn), next_answer(conn))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,7 +406,7 @@ async fn an_upload_pipelined_behind_a_download_waits_for_it_and_both_arrive_whol
         conn.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let download = read_hashed_answer(&mut conn);
-        let patched = read_answer(&mut conn, Duration::from_secs(20));
+        let patched = next_answer(&mut conn);
         sender.join().unwrap().unwrap();
         let at = session(&patched, port);
         conn.write_all(&head("PUT", &with_digest(&at, &d), port, 0))

@@ -49,7 +49,7 @@ use crate::route::{self, Route};
 
 /// Smallest upload body spliced; a smaller one is read the ordinary way,
 /// where a pipe and a connection of its own would cost more than copying.
-pub(crate) const MIN_SPLICED: u64 = 256 * 1024;
+const MIN_SPLICED: u64 = 256 * 1024;
 
 /// Longest request head the reader looks at; past it, the connection is
 /// hyper's alone (hyper judges the head by its own limits).
