@@ -120,7 +120,9 @@ pub fn raw_exchange(port: u16, request: &[u8], limit: Duration) -> RawAnswer {
     read_answer(&mut s, limit)
 }
 
-/// Reads one answer from `s` (see [`raw_exchange`]).
+/// Reads one answer from `s` (see [`raw_exchange`]). What arrives after the
+/// answer in the same read is dropped: for answers to pipelined requests,
+/// read each with [`read_hashed_answer`].
 pub fn read_answer(s: &mut TcpStream, limit: Duration) -> RawAnswer {
     let deadline = Instant::now() + limit;
     let mut buf = Vec::new();
