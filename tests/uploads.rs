@@ -432,3 +432,41 @@ async fn an_upload_pipelined_behind_a_download_waits_for_it_and_both_arrive_whol
     assert!(s.metric(SPLICED).await >= (SIZE - 256 * 1024) as f64);
     assert!(s.metric("archmerge_spliced_bytes_total").await >= (SIZE - 64 * 1024) as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pushes_a_layer_spliced_and_the_merged_tag_pulls_it_back_whole() {
+    // skopeo (containers/image, as podman and buildah) sends each blob with
+    // its length: spliced. (docker sends chunked PATCHes: copied, see
+    // `chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same`.)
+    let s = Stack::new();
+    let layout = build_oci_layout(
+        &ImageSpec::new("linux", "amd64").layer(21, 3 << 20),
+        "x86_64_v1",
+    );
+    let host = s.proxy.host();
+    let pushed = {
+        let dest = format!("{host}/up/skopeo:x86_64_v1");
+        let layout = &layout;
+        tokio::task::block_in_place(|| skopeo_push(layout, &dest, Format::Source))
+    };
+    for digest in layout.blob_digests() {
+        assert_eq!(
+            stored(&s, "up/skopeo", &digest).await,
+            Some(digest.clone()),
+            "a blob skopeo pushed is not stored as it was"
+        );
+    }
+    let spliced = s.metric(SPLICED).await;
+    assert!(
+        spliced >= ((3 << 20) - 256 * 1024) as f64,
+        "only {spliced} bytes of a 3 MiB layer spliced"
+    );
+    // The merged tag serves the pushed image to an amd64 pull.
+    let pulled = tokio::task::block_in_place(|| {
+        skopeo_pull(
+            &format!("{host}/up/skopeo:v1"),
+            Some(("linux", "amd64", None)),
+        )
+    });
+    assert_eq!(pulled.manifest_digest, pushed);
+}
