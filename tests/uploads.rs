@@ -470,3 +470,35 @@ async fn skopeo_pushes_a_layer_spliced_and_the_merged_tag_pulls_it_back_whole() 
     });
     assert_eq!(pulled.manifest_digest, pushed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_sent_in_many_small_writes_is_spliced_whole() {
+    // Thousands of small segments: the body arrives in as many pieces as
+    // the kernel keeps apart, and still goes through whole.
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(22, 2 << 20);
+    let digest = digest_of(&blob);
+    let d = digest.clone();
+    let (patched, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.set_nodelay(true).unwrap();
+        let at = start_upload(&mut conn, port, "up/small-writes");
+        conn.write_all(&head("PATCH", &at, port, blob.len()))
+            .unwrap();
+        for piece in blob.chunks(200) {
+            conn.write_all(piece).unwrap();
+        }
+        let patched = next_answer(&mut conn);
+        let at = session(&patched, port);
+        conn.write_all(&head("PUT", &with_digest(&at, &d), port, 0))
+            .unwrap();
+        (patched, next_answer(&mut conn))
+    })
+    .await
+    .unwrap();
+    assert_eq!(patched.status, 202, "{}", patched.head);
+    assert_eq!(put.status, 201, "{}", put.head);
+    assert_eq!(stored(&s, "up/small-writes", &digest).await, Some(digest));
+    assert!(s.metric(SPLICED).await >= ((2 << 20) - 256 * 1024) as f64);
+}

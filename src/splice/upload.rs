@@ -605,73 +605,60 @@ impl Downloads {
             }
         };
         poll_fn(|cx| loop {
-            // The client fills the pipe while it has room and the registry
-            // drains it, each as far as its socket allows.
-            let mut moved = false;
-            let mut retry = false;
-            if left > 0 && in_pipe < pipe_size {
+            // The pipe is filled from the client only when it is empty: a
+            // splice into a pipe that has no free slot fails as one from a
+            // socket with nothing to read does, and taking that for the
+            // socket's would wait for bytes that are already there.
+            if in_pipe == 0 {
+                if left == 0 {
+                    return Poll::Ready(Ok(()));
+                }
                 match client.poll_read_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let want = left.min((pipe_size - in_pipe) as u64) as usize;
-                        let filled = client.try_io(Interest::READABLE, || {
-                            Ok(rustix::pipe::splice(
-                                client,
-                                None,
-                                &pipe_write,
-                                None,
-                                want,
-                                flags,
-                            )?)
-                        });
-                        match filled {
-                            Ok(0) => return Poll::Ready(Err(Broke::ClientClosed(left))),
-                            Ok(n) => {
-                                in_pipe += n;
-                                left -= n as u64;
-                                moved = true;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => retry = true,
-                            Err(e) => return Poll::Ready(Err(Broke::Client(e))),
-                        }
-                    }
+                    Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::Client(e))),
-                    Poll::Pending => {}
+                    Poll::Pending => return wait(&mut clock, cx, true),
                 }
-            }
-            if in_pipe > 0 {
-                match registry.poll_write_ready(cx) {
-                    Poll::Ready(Ok(())) => {
-                        let sent = registry.try_io(Interest::WRITABLE, || {
-                            Ok(rustix::pipe::splice(
-                                &pipe_read, None, registry, None, in_pipe, flags,
-                            )?)
-                        });
-                        match sent {
-                            Ok(n) => {
-                                in_pipe -= n;
-                                self.metrics.spliced_upload_bytes.inc_by(n as u64);
-                                moved = true;
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => retry = true,
-                            Err(e) => return Poll::Ready(Err(Broke::Registry(e))),
-                        }
+                let want = left.min(pipe_size as u64) as usize;
+                let filled = client.try_io(Interest::READABLE, || {
+                    Ok(rustix::pipe::splice(
+                        client,
+                        None,
+                        &pipe_write,
+                        None,
+                        want,
+                        flags,
+                    )?)
+                });
+                match filled {
+                    Ok(0) => return Poll::Ready(Err(Broke::ClientClosed(left))),
+                    Ok(n) => {
+                        in_pipe = n;
+                        left -= n as u64;
+                        clock.waiting = None;
                     }
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::Registry(e))),
-                    Poll::Pending => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Poll::Ready(Err(Broke::Client(e))),
                 }
             }
-            if left == 0 && in_pipe == 0 {
-                return Poll::Ready(Ok(()));
+            match registry.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::Registry(e))),
+                Poll::Pending => return wait(&mut clock, cx, false),
             }
-            if moved {
-                clock.waiting = None;
-            } else if !retry {
-                // Both sides are waited for (their wakers are set): the
-                // registry when it has bytes to take, else the client.
-                return wait(&mut clock, cx, in_pipe == 0);
+            let sent = registry.try_io(Interest::WRITABLE, || {
+                Ok(rustix::pipe::splice(
+                    &pipe_read, None, registry, None, in_pipe, flags,
+                )?)
+            });
+            match sent {
+                Ok(n) => {
+                    in_pipe -= n;
+                    self.metrics.spliced_upload_bytes.inc_by(n as u64);
+                    clock.waiting = None;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(Broke::Registry(e))),
             }
-            // A side that had nothing after all is asked again, which sets
-            // its waker.
         })
         .await
     }
