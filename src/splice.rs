@@ -384,7 +384,7 @@ impl Downloads {
         if !eligible || !link.is_free() {
             return declined(req);
         }
-        let head = request_head(upstream, &req, client, authority);
+        let head = request_head(upstream, &req, client, authority, None);
         let started = Instant::now();
         let answer = tokio::time::timeout(self.headers, self.ask(authority, &head)).await;
         self.metrics
@@ -416,7 +416,7 @@ impl Downloads {
     /// pooled one turns out closed before any answer) and reads the head of
     /// the answer.
     async fn ask(&self, authority: &str, head: &[u8]) -> io::Result<(TcpStream, Answer)> {
-        self.count_get();
+        self.count(&Method::GET);
         let mut tried_pooled = false;
         if let Some(mut conn) = self.pool.take() {
             if let Ok(answer) = exchange(&mut conn, head).await {
@@ -429,17 +429,19 @@ impl Downloads {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         conn.set_nodelay(true)?;
         if tried_pooled {
-            self.count_get();
+            self.count(&Method::GET);
         }
         let answer = exchange(&mut conn, head).await?;
         Ok((conn, answer))
     }
 
-    /// One GET sent to the registry, counted with every other request.
-    fn count_get(&self) {
+    /// One request sent to the registry, counted with every other request.
+    fn count(&self, method: &Method) {
         self.metrics
             .upstream_requests
-            .get_or_create(&crate::metrics::MethodLabels { method: "GET" })
+            .get_or_create(&crate::metrics::MethodLabels {
+                method: crate::metrics::method_label(method),
+            })
             .inc();
     }
 
@@ -589,19 +591,25 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
     }))
 }
 
-/// The request [`forward`] would send, as HTTP/1.1 bytes.
+/// The request [`forward`] would send, as HTTP/1.1 bytes; with `length`,
+/// its `Content-Length` is that (a spliced body's, which hyper saw as 0).
 fn request_head(
     upstream: &crate::upstream::Upstream,
     req: &Request<ClientBody>,
     client: &ClientSide,
     authority: &str,
+    length: Option<u64>,
 ) -> Vec<u8> {
     let mut bare = Request::new(());
     *bare.method_mut() = req.method().clone();
     *bare.uri_mut() = req.uri().clone();
     *bare.headers_mut() = req.headers().clone();
     let (parts, ()) = bare.into_parts();
-    let out = forward::upstream_request(upstream, parts, body::empty(), client);
+    let mut out = forward::upstream_request(upstream, parts, body::empty(), client);
+    if let Some(length) = length {
+        out.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
     let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
     let mut head = Vec::with_capacity(512);
     head.extend_from_slice(out.method().as_str().as_bytes());

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use rustix::pipe::SpliceFlags;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest, ReadBuf};
 use tokio::net::TcpStream;
@@ -511,8 +511,7 @@ impl Downloads {
             .as_deref()
             .ok_or_else(|| ProxyError::UpstreamUnreachable("zero-copy is off".into()))?;
         let unreachable = |e: io::Error| ProxyError::UpstreamUnreachable(e.to_string());
-        let mut head = request_head(upstream, req, client, authority);
-        set_length(&mut head, upload.length);
+        let head = request_head(upstream, req, client, authority, Some(upload.length));
         let started = Instant::now();
         self.count(req.method());
         let mut conn = tokio::time::timeout(self.connect, TcpStream::connect(authority))
@@ -662,15 +661,6 @@ impl Downloads {
         })
         .await
     }
-
-    fn count(&self, method: &Method) {
-        self.metrics
-            .upstream_requests
-            .get_or_create(&crate::metrics::MethodLabels {
-                method: crate::metrics::method_label(method),
-            })
-            .inc();
-    }
 }
 
 /// The stall timer of a spliced body: it runs while archmerge waits for
@@ -697,21 +687,6 @@ impl Clock {
 
 /// How long a registry that broke off an upload has to say why.
 const EARLY_ANSWER: Duration = Duration::from_secs(1);
-
-/// Puts `length` in the `content-length` line of a request head that has
-/// one (the client's, which hyper saw as 0).
-fn set_length(head: &mut Vec<u8>, length: u64) {
-    const LINE: &[u8] = b"\r\ncontent-length: ";
-    if let Some(at) = head.windows(LINE.len()).position(|w| w == LINE) {
-        let start = at + LINE.len();
-        let end = start
-            + head[start..]
-                .iter()
-                .position(|&b| b == b'\r')
-                .unwrap_or(head.len() - start);
-        head.splice(start..end, length.to_string().into_bytes());
-    }
-}
 
 /// Reads the registry's answer to an upload, its small body whole, and
 /// whether the connection may serve again.
@@ -907,15 +882,5 @@ mod tests {
         assert_eq!(classify(old.as_bytes()), Head::Opaque);
         assert_eq!(classify(b"\x00\x01garbage\r\n\r\n"), Head::Opaque);
         assert_eq!(classify(b"GET /v2/ HTTP/1.1\r\nHo"), Head::Partial);
-    }
-
-    #[test]
-    fn the_registry_is_told_the_real_length() {
-        let mut h = b"PATCH /x HTTP/1.1\r\nhost: r\r\ncontent-length: 0\r\nx: y\r\n\r\n".to_vec();
-        set_length(&mut h, 1_048_576);
-        assert_eq!(
-            std::str::from_utf8(&h).unwrap(),
-            "PATCH /x HTTP/1.1\r\nhost: r\r\ncontent-length: 1048576\r\nx: y\r\n\r\n"
-        );
     }
 }
