@@ -502,3 +502,34 @@ async fn an_upload_sent_in_many_small_writes_is_spliced_whole() {
     assert_eq!(stored(&s, "up/small-writes", &digest).await, Some(digest));
     assert!(s.metric(SPLICED).await >= ((2 << 20) - 256 * 1024) as f64);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_ends_its_body_early_gets_400_and_nothing_is_stored() {
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(23, 4 << 20);
+    let digest = digest_of(&blob);
+    let d = digest.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/short");
+        // A monolithic PUT that sends half its body, then ends its side of
+        // the connection (and waits for the answer).
+        conn.write_all(&head("PUT", &with_digest(&at, &d), port, blob.len()))
+            .unwrap();
+        conn.write_all(&blob[..blob.len() / 2]).unwrap();
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        read_answer(&mut conn, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(answer.status, 400, "{}{}", answer.head, answer.text());
+    assert_eq!(oci_error_codes(&answer.body), ["BLOB_UPLOAD_INVALID"]);
+    assert_eq!(
+        answer.header("connection").map(|c| c.to_ascii_lowercase()),
+        Some("close".into()),
+        "{}",
+        answer.head
+    );
+    assert_eq!(stored(&s, "up/short", &digest).await, None);
+}
