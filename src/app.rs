@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use crate::bounded;
 use crate::config::{Config, Mode};
-use crate::merge::{Merger, Pushed, Update};
+use crate::merge::{Merger, Pushed, ReadAhead, Update};
 use crate::metrics::Metrics;
 use crate::reconcile;
 use crate::rules::{How, Touch};
@@ -121,6 +121,9 @@ pub struct Accepted<'a> {
     pub since: Instant,
     /// The manifest stored, when the write was a push.
     pub pushed: Option<Pushed<'a>>,
+    /// The first read of the rebuild, made while the push was on its way
+    /// ([`Indexes::read_ahead`]).
+    pub ahead: Option<&'a ReadAhead>,
 }
 
 impl Indexes {
@@ -141,6 +144,7 @@ impl Indexes {
                                     auth: w.auth,
                                     since: w.since,
                                     pushed: w.pushed,
+                                    ahead: w.ahead,
                                 };
                                 merger.update(u).await.err().map(|e| {
                                     format!("the index {repo}:{target} is not up to date yet: {e}")
@@ -180,6 +184,31 @@ impl Indexes {
                 Vec::new()
             }
         }
+    }
+
+    /// For a push about to be forwarded, the first read of the rebuild it
+    /// will ask for, made while the registry stores it (write mode, a push
+    /// at an arch tag, which touches exactly its one target). Other writes
+    /// get `None`: a push at a possible target must be read after it is
+    /// stored, since its rebuild finding no arch tags ends it unverified.
+    pub async fn read_ahead(
+        &self,
+        touches: &[Touch],
+        auth: &Auth,
+        pushed: Pushed<'_>,
+    ) -> Option<ReadAhead> {
+        let Indexes::Write(merger) = self else {
+            return None;
+        };
+        let [Touch::Target {
+            repo,
+            target,
+            how: How::ArchChanged,
+        }] = touches
+        else {
+            return None;
+        };
+        merger.read_ahead(repo, target, auth, pushed).await
     }
 
     /// Serve mode's aggregates: where archmerge itself answers GETs of

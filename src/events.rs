@@ -191,6 +191,7 @@ impl Queue {
                     auth: &auth,
                     since: Instant::now(),
                     pushed: None,
+                    ahead: None,
                 })
                 .await;
         }

@@ -6,10 +6,12 @@
 //! the registry accepted it are the targets it touches (the rules say which:
 //! [`crate::rules::Rule::touches`]) brought up to date — before the client
 //! gets the registry's own answer, so the last push of a CI run returns with
-//! the index complete. A failed merge never changes that answer: it is
-//! logged, counted, said in a `Warning` and retried. What "up to date" means
-//! is the mode's ([`crate::app::Indexes`]); nothing here reads or writes
-//! indexes itself.
+//! the index complete. For an arch push the rebuild's first read goes out
+//! beside the PUT, and decides nothing until the registry has accepted it
+//! ([`crate::merge::Merger::read_ahead`]). A failed merge never changes that
+//! answer: it is logged, counted, said in a `Warning` and retried. What "up
+//! to date" means is the mode's ([`crate::app::Indexes`]); nothing here
+//! reads or writes indexes itself.
 
 use std::time::{Duration, Instant};
 
@@ -64,26 +66,43 @@ pub async fn put_manifest(
         .unwrap_or_default()
         .to_owned();
     let auth = Auth::client(parts.headers.get(header::AUTHORIZATION).cloned());
-
-    let resp = put_upstream(app, parts, &bytes, &auth, client).await?;
+    let pushed = FetchedManifest {
+        digest: crate::index::sha256_digest(&bytes),
+        bytes: bytes.clone(),
+        media_type,
+    };
+    let tag = match &reference {
+        Reference::Tag(tag) => Some(tag.as_str()),
+        Reference::Digest(_) => None,
+    };
+    let touches = tag.map_or_else(Vec::new, |tag| {
+        app.merger.rule(repo).touches(repo, Write::Put(tag))
+    });
+    // The rebuild's first read goes out beside the client's PUT: an arch
+    // push then waits for one round trip fewer after the registry's answer.
+    let ahead = async {
+        let tag = tag?;
+        let pushed = Pushed {
+            repo,
+            tag,
+            manifest: &pushed,
+        };
+        app.indexes.read_ahead(&touches, &auth, pushed).await
+    };
+    let (resp, ahead) = tokio::join!(put_upstream(app, parts, &bytes, &auth, client), ahead);
+    let resp = resp?;
     let accepted_at = Instant::now();
     if !resp.status().is_success() {
         // The registry's refusal (malformed manifest, auth, …) goes back as
         // it was sent; no index is touched.
         return Ok(resp.map(body::full));
     }
-    let pushed = FetchedManifest {
-        digest: crate::index::sha256_digest(&bytes),
-        bytes,
-        media_type,
-    };
-    let Reference::Tag(tag) = reference else {
+    let Some(tag) = tag else {
         // A child pushed by digest before its index (buildx, `manifest push
         // --all`): remembered, so the merge that follows need not read it.
         app.merger.remember(pushed).await;
         return Ok(resp.map(body::full));
     };
-    let touches = app.merger.rule(repo).touches(repo, Write::Put(&tag));
     if touches.is_empty() {
         return Ok(resp.map(body::full));
     }
@@ -97,9 +116,10 @@ pub async fn put_manifest(
             since: accepted_at,
             pushed: Some(Pushed {
                 repo,
-                tag: &tag,
+                tag,
                 manifest: &pushed,
             }),
+            ahead: ahead.as_ref(),
         })
         .await;
     // The push stands; a merge that failed is said, and retried in the
@@ -219,6 +239,7 @@ pub async fn delete_manifest(
             auth: &auth,
             since: Instant::now(),
             pushed: None,
+            ahead: None,
         };
         // Failures are logged, counted, retried inside, and said.
         for w in app.indexes.after_write(accepted).await {

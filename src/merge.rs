@@ -143,6 +143,20 @@ pub struct Update<'a> {
     /// The manifest the registry has just accepted (at an arch tag, or at
     /// the target itself), trusted without reading it back.
     pub pushed: Option<Pushed<'a>>,
+    /// The first read of the rebuild, made while the registry was still
+    /// storing `pushed` ([`Merger::read_ahead`]).
+    pub ahead: Option<&'a ReadAhead>,
+}
+
+/// A rebuild's first read, made while the registry was still storing the
+/// arch push that asks for it, with the push already in it. It may predate
+/// other writes, so it is only a place to start: a rebuild that starts from
+/// it writes and verifies, or reads again. Why that is enough:
+/// `docs/design.md`, "What a push waits for".
+#[derive(Debug)]
+pub struct ReadAhead {
+    snapshot: Snapshot,
+    current: Option<FetchedManifest>,
 }
 
 /// A target as the registry has it, and what it should hold (serve mode,
@@ -253,13 +267,8 @@ impl Merger {
     /// returned (for the client's `Warning`).
     pub async fn update(self: &Arc<Self>, u: Update<'_>) -> Result<Outcome, MergeError> {
         let started = Instant::now();
-        // A rule may have archmerge's own credentials write its targets.
-        let own = self
-            .own
-            .as_ref()
-            .filter(|_| self.rule(u.repo).write_with == WriteWith::Archmerge);
         let u = Update {
-            auth: own.unwrap_or(u.auth),
+            auth: self.writer(u.repo, u.auth),
             ..u
         };
         let (repo, target) = (u.repo, u.target);
@@ -288,6 +297,61 @@ impl Merger {
                 Err(e)
             }
         }
+    }
+
+    /// Whose credentials write `repo`'s targets: a rule may have
+    /// archmerge's own do it.
+    fn writer<'a>(&'a self, repo: &str, client: &'a Auth) -> &'a Auth {
+        self.own
+            .as_ref()
+            .filter(|_| self.writes_with_own(repo))
+            .unwrap_or(client)
+    }
+
+    /// Whether `repo`'s targets are written with archmerge's own
+    /// credentials.
+    fn writes_with_own(&self, repo: &str) -> bool {
+        self.own.is_some() && self.rule(repo).write_with == WriteWith::Archmerge
+    }
+
+    /// The first read of the rebuild an arch push asks for, made while the
+    /// client's PUT is still on its way (so a push waits for one round trip
+    /// fewer after it): the target's snapshot with `pushed` in it, and what
+    /// the target holds. `None` when a rebuild of the target is already in
+    /// flight here (the push will most likely be coalesced into the next
+    /// one), when the target is written with archmerge's own credentials
+    /// (the registry has not yet said whether this client may push, and
+    /// archmerge reads nothing with its own for a client the registry may
+    /// refuse), or when the read failed (the rebuild then reads as usual).
+    pub async fn read_ahead(
+        &self,
+        target_repo: &str,
+        target: &str,
+        auth: &Auth,
+        pushed: Pushed<'_>,
+    ) -> Option<ReadAhead> {
+        let key = (target_repo.to_owned(), target.to_owned());
+        if self.writes_with_own(target_repo) || self.slots.contains_key(&key) {
+            return None;
+        }
+        let (mut snapshot, current) = self
+            .survey_with(target_repo, target, auth, Some(pushed))
+            .await
+            .ok()?;
+        // The listing may have begun before the registry stored the push:
+        // a new arch tag is then missing from it.
+        if pushed.repo == target_repo && !snapshot.contains_key(pushed.tag) {
+            let rule = self.rule(target_repo);
+            for arch in rule.arch_tags_for_target(std::iter::once(pushed.tag), target) {
+                let child = Child {
+                    repo: target_repo.to_owned(),
+                    arch,
+                    digest: Some(pushed.manifest.digest.clone()),
+                };
+                snapshot.insert(child.arch.tag.clone(), child);
+            }
+        }
+        Some(ReadAhead { snapshot, current })
     }
 
     /// What a target holds and what it should hold, without writing.
@@ -409,6 +473,7 @@ impl Merger {
             auth,
             since,
             pushed,
+            ahead,
         } = u;
         let key = (repo.to_owned(), target.to_owned());
         // Clone the Arc out so no map guard lives across an await.
@@ -426,8 +491,11 @@ impl Merger {
                 let (backoff, retries) = Backoff::hiccup();
                 let r = backoff
                     .retry(retries, MergeError::is_transient, |n| {
-                        let pushed = pushed.filter(|_| n == 0);
-                        self.rebuild_until_stable(repo, target, auth, pushed)
+                        let (pushed, ahead) = match n {
+                            0 => (pushed, ahead),
+                            _ => (None, None),
+                        };
+                        self.rebuild_until_stable(repo, target, auth, pushed, ahead)
                     })
                     .await;
                 if r.is_ok() {
@@ -447,20 +515,29 @@ impl Merger {
     /// the pushed image's config at once; the verification snapshot HEADs
     /// the arch tags it expects while it lists the tags. So a push whose
     /// target already has its other arches costs three round trips after
-    /// the client's own PUT: read, write, verify.
+    /// the client's own PUT: read, write, verify; two when the read was
+    /// made ahead, while the client's PUT was on its way.
     async fn rebuild_until_stable(
         &self,
         repo: &str,
         target: &str,
         auth: &Auth,
         pushed: Option<Pushed<'_>>,
+        ahead: Option<&ReadAhead>,
     ) -> Result<Outcome, MergeError> {
-        let (mut snapshot, current) = self.survey_with(repo, target, auth, pushed).await?;
+        let (mut snapshot, current) = match ahead {
+            Some(a) => (a.snapshot.clone(), a.current.clone()),
+            None => self.survey_with(repo, target, auth, pushed).await?,
+        };
+        let mut read_ahead = ahead.is_some();
+        if read_ahead {
+            self.metrics.read_ahead("used");
+        }
         let mut current = Some(current);
         let mut outcome = Outcome::Nothing;
         for _ in 0..MAX_ROUNDS {
             let (this, wrote) = self
-                .rebuild(repo, target, &snapshot, current.take(), auth)
+                .rebuild(repo, target, &snapshot, current.take(), auth, read_ahead)
                 .await?;
             // Keep the most telling outcome across rounds.
             if outcome == Outcome::Nothing || this != Outcome::Unchanged {
@@ -469,7 +546,15 @@ impl Merger {
             // A rebuild that wrote nothing needs no verification: the target
             // already said what a snapshot taken after this merge began
             // calls for, and any writer racing with it verifies its own
-            // write.
+            // write. A read made ahead may predate another write, so it
+            // cannot say that: the target is read again instead.
+            if !wrote && read_ahead {
+                read_ahead = false;
+                self.metrics.read_ahead("read_again");
+                let (again, holds) = self.survey_with(repo, target, auth, pushed).await?;
+                (snapshot, current) = (again, Some(holds));
+                continue;
+            }
             if !wrote {
                 return Ok(outcome);
             }
@@ -487,7 +572,9 @@ impl Merger {
 
     /// One rebuild from one snapshot: decide, then make the registry say
     /// it. `current` is what the target holds, when it was just read.
-    /// Returns what it did, and whether it wrote (or deleted) anything.
+    /// Returns what it did, and whether it wrote (or deleted) anything. A
+    /// write skipped from a read made `ahead` is not counted: the target is
+    /// read again, and that round counts it.
     async fn rebuild(
         &self,
         repo: &str,
@@ -495,6 +582,7 @@ impl Merger {
         snapshot: &Snapshot,
         current: Option<Option<FetchedManifest>>,
         auth: &Auth,
+        ahead: bool,
     ) -> Result<(Outcome, bool), MergeError> {
         let current = match current {
             Some(c) => c,
@@ -560,7 +648,9 @@ impl Merger {
         }
         let mut wrote = false;
         let outcome = if current_digest.as_deref() == Some(digest.as_str()) {
-            self.metrics.writes_skipped.inc();
+            if !ahead {
+                self.metrics.writes_skipped.inc();
+            }
             Outcome::Unchanged
         } else {
             self.upstream

@@ -60,6 +60,10 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     /// Merges by outcome.
     pub merges: Family<OutcomeLabels, Counter>,
+    /// Rebuilds that started from a read made while the client's push was
+    /// on its way: `used`, and `read_again` when that read could not say
+    /// the target was right.
+    pub reads_ahead: Family<OutcomeLabels, Counter>,
     /// Time from the start of a merge to a converged index.
     pub merge_seconds: Histogram,
     /// Index writes skipped because the bytes would not change.
@@ -104,6 +108,12 @@ impl Metrics {
         registry.register("requests", "Client requests", requests.clone());
         let merges = Family::<OutcomeLabels, Counter>::default();
         registry.register("merges", "Index merges by outcome", merges.clone());
+        let reads_ahead = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "merge_reads_ahead",
+            "Rebuilds that started from a read made while the push was on its way",
+            reads_ahead.clone(),
+        );
         let merge_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         registry.register(
             "merge_duration_seconds",
@@ -172,6 +182,7 @@ impl Metrics {
             registry,
             requests,
             merges,
+            reads_ahead,
             merge_seconds,
             writes_skipped,
             platform_mismatches,
@@ -185,6 +196,13 @@ impl Metrics {
             cache_hits,
             cache_misses,
         }
+    }
+
+    /// Counts one use of a read made ahead.
+    pub fn read_ahead(&self, outcome: &'static str) {
+        self.reads_ahead
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// Counts one merge outcome.

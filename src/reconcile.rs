@@ -117,6 +117,7 @@ pub async fn run(
                     auth,
                     since: Instant::now(),
                     pushed: None,
+                    ahead: None,
                 };
                 let result = merger.update(update).await.map_err(|e| e.to_string());
                 (target_repo, target, result)

@@ -638,6 +638,55 @@ async fn repush_replaces_its_entry_and_identical_repush_writes_nothing() {
     );
 }
 
+/// An arch push's rebuild reads the registry while the client's PUT is on
+/// its way, so the push waits for one round trip fewer after the registry
+/// has answered. That read may begin before the registry stored the push:
+/// a new arch tag still lands, and a read that finds nothing to write is
+/// made again before the client is answered. A plain push is never read
+/// ahead (whether it is a target can only be read after it is stored).
+#[tokio::test]
+async fn an_arch_push_is_read_ahead_and_a_read_that_finds_nothing_to_do_is_made_again() {
+    const USED: &str = "archmerge_merge_reads_ahead_total{outcome=\"used\"}";
+    const AGAIN: &str = "archmerge_merge_reads_ahead_total{outcome=\"read_again\"}";
+    let s = Stack::new();
+    let c = http();
+    let via = s.proxy.url();
+    let repo = "ahead/app";
+    let amd = push_small_image(&c, &via, repo, "x86_64_v1", "amd64", 320).await;
+    let arm = push_small_image(&c, &via, repo, "aarch64_v1", "arm64", 321).await;
+    let index = s.index(repo, "v1").await;
+    assert_eq!(
+        index.pairs(),
+        pairs([
+            ("linux/amd64", &amd.digest),
+            ("linux/arm64/v8", &arm.digest)
+        ]),
+        "{}",
+        index.text()
+    );
+    assert_eq!(s.metric(USED).await, 2.0, "each arch push read ahead");
+    assert_eq!(s.metric(AGAIN).await, 0.0);
+
+    // The same image again: the read made ahead finds the index right, and
+    // cannot say so alone.
+    let puts = s.manifest_put_count(repo, "v1");
+    push_small_image(&c, &via, repo, "aarch64_v1", "arm64", 321).await;
+    assert_eq!(s.metric(USED).await, 3.0);
+    assert_eq!(s.metric(AGAIN).await, 1.0, "the target read again");
+    assert_eq!(s.manifest_put_count(repo, "v1"), puts, "index rewritten");
+    assert_eq!(s.index(repo, "v1").await.bytes, index.bytes);
+
+    // A new arch tag, in a repository whose listing archmerge has seen.
+    let ppc = push_small_image(&c, &via, repo, "ppc64le_v1", "ppc64le", 322).await;
+    let index = s.index(repo, "v1").await;
+    assert_eq!(index.pairs().len(), 3, "{}", index.text());
+    assert!(index.text().contains(&ppc.digest), "{}", index.text());
+
+    // A plain push at a possible target is read after it is stored.
+    push_small_image(&c, &via, repo, "v2", "amd64", 323).await;
+    assert_eq!(s.metric(USED).await, 4.0, "a plain push was read ahead");
+}
+
 /// The next push after arch tags changed behind archmerge's back sees the
 /// registry as it is, not as archmerge last saw it: archmerge HEADs the arch
 /// tags its last snapshot had while it lists the tags, so an arch tag gone

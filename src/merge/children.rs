@@ -45,10 +45,23 @@ impl Merger {
         let Some(p) = pushed else {
             return;
         };
-        let Some(facts) = self.manifests.get(&p.manifest.digest).await else {
-            return;
+        // Not cached yet when the snapshot is read ahead of the registry's
+        // answer (nothing is cached of a push the registry may refuse).
+        let (cached, parsed);
+        let manifest = match self.manifests.get(&p.manifest.digest).await {
+            Some(facts) => {
+                cached = facts;
+                &cached.manifest
+            }
+            None => match parse_manifest(Some(&p.manifest.media_type), &p.manifest.bytes) {
+                Ok(m) => {
+                    parsed = m;
+                    &parsed
+                }
+                Err(_) => return,
+            },
         };
-        if let Manifest::Image(info) = &facts.manifest {
+        if let Manifest::Image(info) = manifest {
             if !info.is_image() {
                 return;
             }

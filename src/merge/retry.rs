@@ -60,6 +60,7 @@ impl Merger {
                     auth: &auth,
                     since: Instant::now(),
                     pushed: None,
+                    ahead: None,
                 };
                 match this.converge(update).await {
                     Ok(outcome) => {

@@ -130,7 +130,8 @@ impl Stack {
     }
 
     /// The sum of every sample of the metric `name` (whatever its labels),
-    /// from the admin listener; 0 when there is none.
+    /// from the admin listener; 0 when there is none. A `name` with labels
+    /// (`family{outcome="used"}`) is that one series.
     pub async fn metric(&self, name: &str) -> f64 {
         let url = format!("{}/metrics", self.admin_url());
         let text = super::http()
@@ -145,7 +146,10 @@ impl Stack {
             .filter(|l| !l.starts_with('#'))
             .filter_map(|l| {
                 let (series, value) = l.rsplit_once(' ')?;
-                let metric = series.split('{').next()?;
+                let metric = match name.contains('{') {
+                    true => series,
+                    false => series.split('{').next()?,
+                };
                 (metric == name)
                     .then(|| value.parse::<f64>().ok())
                     .flatten()
