@@ -720,17 +720,10 @@ async fn a_rule_may_have_archmerges_own_credentials_copy_and_write_its_targets()
     );
     // Nothing was read with archmerge's own credentials before the
     // registry had said the job may push.
-    let metrics = http()
-        .get(format!("{}/metrics", proxy.admin_url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        !metrics.contains("archmerge_merge_reads_ahead_total{"),
-        "a push was read ahead with archmerge's own credentials:\n{metrics}"
+    assert_eq!(
+        proxy.metric("archmerge_merge_reads_ahead_total").await,
+        0.0,
+        "a push was read ahead with archmerge's own credentials"
     );
 
     // Without upstream_auth the rule is refused: nobody's credentials would do it.

@@ -200,6 +200,12 @@ impl Archmerge {
         format!("http://127.0.0.1:{}", self.admin_port)
     }
 
+    /// The sum of every sample of the metric `name` from the admin
+    /// listener ([`metric_at`]).
+    pub async fn metric(&self, name: &str) -> f64 {
+        metric_at(&self.admin_url(), name).await
+    }
+
     /// `https://127.0.0.1:PORT`, for an archmerge serving TLS.
     pub fn https_url(&self) -> String {
         format!("https://{}", self.host())
@@ -291,4 +297,32 @@ impl Drop for Archmerge {
     fn drop(&mut self) {
         stop(&mut self.child);
     }
+}
+
+/// The sum of every sample of the metric `name` (whatever its labels), from
+/// the admin listener at `admin`; 0 when there is none. A `name` with labels
+/// (`family{outcome="used"}`) is that one series.
+pub async fn metric_at(admin: &str, name: &str) -> f64 {
+    let url = format!("{admin}/metrics");
+    let text = super::http()
+        .get(&url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_default();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let metric = match name.contains('{') {
+                true => series,
+                false => series.split('{').next()?,
+            };
+            (metric == name)
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum()
 }

@@ -129,32 +129,10 @@ impl Stack {
         self.admin.clone()
     }
 
-    /// The sum of every sample of the metric `name` (whatever its labels),
-    /// from the admin listener; 0 when there is none. A `name` with labels
-    /// (`family{outcome="used"}`) is that one series.
+    /// The sum of every sample of the metric `name` from the admin
+    /// listener ([`metric_at`]).
     pub async fn metric(&self, name: &str) -> f64 {
-        let url = format!("{}/metrics", self.admin_url());
-        let text = super::http()
-            .get(&url)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-            .text()
-            .await
-            .unwrap_or_default();
-        text.lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                let metric = match name.contains('{') {
-                    true => series,
-                    false => series.split('{').next()?,
-                };
-                (metric == name)
-                    .then(|| value.parse::<f64>().ok())
-                    .flatten()
-            })
-            .sum()
+        super::metric_at(&self.admin_url(), name).await
     }
 
     /// `127.0.0.1:PROXY/<image>`, an image reference through archmerge.
