@@ -19,10 +19,13 @@
 #   4. runs the load generator against all of them (see benches/bench/main.rs
 #      for what it measures and the BENCH_* knobs; BENCH_QUICK=1 is a smoke
 #      run of about a minute),
-#   5. with BENCH_PROFILE=1, samples archmerge with `perf record` (Debian's
+#   5. for the instructions phase (`instr`), starts two more archmerge
+#      instances, write and serve mode, under callgrind (Debian's valgrind),
+#      which count the user-space instructions of a fixed number of GETs,
+#   6. with BENCH_PROFILE=1, samples archmerge with `perf record` (Debian's
 #      linux-perf) during the run and writes the report to
 #      target/bench/profile.txt (pair it with BENCH_ONLY=get, blobs, …),
-#   6. stops everything (also on Ctrl-C or failure) and removes the temp dir
+#   7. stops everything (also on Ctrl-C or failure) and removes the temp dir
 #      (BENCH_KEEP=1 keeps it, with every log).
 #
 # The table is also written to target/bench/last-run.txt. A full run takes
@@ -48,6 +51,14 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v nginx >/dev/null 2>&1 || need+=(nginx)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 command -v socat >/dev/null 2>&1 || need+=(socat)
+# phase_on NAME: whether the run includes that phase (BENCH_ONLY, as the
+# load generator reads it).
+phase_on() {
+    [ -z "${BENCH_ONLY:-}" ] || [[ ",${BENCH_ONLY// /}," == *",$1,"* ]]
+}
+if phase_on instr; then
+    command -v callgrind_control >/dev/null 2>&1 || need+=(valgrind)
+fi
 if ((${#need[@]})); then
     sudo=()
     if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
@@ -132,10 +143,11 @@ v2_ok() {
     ) 2>/dev/null
 }
 
-# Waits (at most 10 s) for GET /v2/ on a port; fails with the log.
+# Waits (at most 30 s: under callgrind archmerge takes seconds to start)
+# for GET /v2/ on a port; fails with the log.
 wait_ready() {
     local name=$1 port=$2 pid=$3 log=$4
-    for _ in $(seq 100); do
+    for _ in $(seq 300); do
         v2_ok "$port" && return 0
         kill -0 "$pid" 2>/dev/null || die "$name exited:
 $(tail -n 20 "$log")"
@@ -153,6 +165,10 @@ free_port; archmerge_port=$REPLY
 free_port; admin_port=$REPLY
 free_port; serve_port=$REPLY
 free_port; serve_admin_port=$REPLY
+free_port; counted_port=$REPLY
+free_port; counted_admin_port=$REPLY
+free_port; counted_serve_port=$REPLY
+free_port; counted_serve_admin_port=$REPLY
 
 # distribution reads REGISTRY_* and archmerge ARCHMERGE_* variables as
 # overrides; this run uses only its own settings.
@@ -249,7 +265,7 @@ start_archmerge() {
     local name=$1 port=$2 admin=$3 log=$4
     shift 4
     note "starting $name on 127.0.0.1:$port"
-    "$archmerge_bin" serve "$@" \
+    "${run_under[@]}" "$archmerge_bin" serve "$@" \
         --listen "127.0.0.1:$port" \
         --upstream "http://127.0.0.1:$registry_port" \
         --admin-listen "127.0.0.1:$admin" \
@@ -259,12 +275,33 @@ start_archmerge() {
     wait_ready "$name" "$port" "$REPLY" "$log"
 }
 
+run_under=()
 start_archmerge archmerge "$archmerge_port" "$admin_port" "$tmp/archmerge.log"
 archmerge_pid=$REPLY
 # A second archmerge in serve mode, for the index GET phase only.
 start_archmerge "archmerge --mode serve" "$serve_port" "$serve_admin_port" \
     "$tmp/archmerge-serve.log" --mode serve
 serve_pid=$REPLY
+
+# Two more under callgrind for the instructions phase: they count nothing
+# until the load generator turns instrumentation on (`--instr-atstart=no`);
+# `--trace-children` follows a BENCH_ARCHMERGE_BIN wrapper's `exec`.
+counted_args=()
+if phase_on instr; then
+    run_under=(valgrind --tool=callgrind --instr-atstart=no --trace-children=yes
+        "--callgrind-out-file=$tmp/callgrind-write.out")
+    start_archmerge "archmerge under callgrind" "$counted_port" "$counted_admin_port" \
+        "$tmp/archmerge-callgrind.log"
+    counted_args+=(--counted "127.0.0.1:$counted_port" --counted-pid "$REPLY"
+        --counted-out "$tmp/callgrind-write.out")
+    run_under=(valgrind --tool=callgrind --instr-atstart=no --trace-children=yes
+        "--callgrind-out-file=$tmp/callgrind-serve.out")
+    start_archmerge "archmerge --mode serve under callgrind" "$counted_serve_port" \
+        "$counted_serve_admin_port" "$tmp/archmerge-serve-callgrind.log" --mode serve
+    counted_args+=(--counted-serve "127.0.0.1:$counted_serve_port"
+        --counted-serve-pid "$REPLY" --counted-serve-out "$tmp/callgrind-serve.out")
+    run_under=()
+fi
 
 # === the run ===
 
@@ -296,7 +333,8 @@ mkdir -p target/bench
     --serve "127.0.0.1:$serve_port" \
     --serve-pid "$serve_pid" \
     --archmerge-bin "$archmerge_bin" \
-    --registry-data "$tmp/registry/data" | tee target/bench/last-run.txt
+    --registry-data "$tmp/registry/data" \
+    "${counted_args[@]}" | tee target/bench/last-run.txt
 note "load after the run: $(cut -d' ' -f1-3 /proc/loadavg)"
 if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid" 2>/dev/null || true

@@ -19,15 +19,19 @@
 //! 6. repository size: arch-tag and plain PUTs in a repository that also
 //!    holds N unrelated tags (latency, registry requests per push);
 //! 7. merge at scale: `archmerge reconcile` of 1,000 targets × 8 arches;
-//! 8. index synthesis for 50 entries (`archmerge::index::build_index`).
+//! 8. index synthesis for 50 entries (`archmerge::index::build_index`);
+//! 9. user-space instructions per manifest GET (write mode) and per index
+//!    GET (serve mode), counted by callgrind (`instructions.rs`).
 //!
 //! Knobs (environment): `BENCH_QUICK=1` for a smoke run; `BENCH_ROUNDS`,
 //! `BENCH_BLOB_MIB`, `BENCH_GET_SLICES`, `BENCH_GET_SECS`, `BENCH_GET_CONNS`,
 //! `BENCH_PUTS`, `BENCH_SIZE_TAGS`, `BENCH_SIZE_PUTS`, `BENCH_SCALE_TARGETS`,
-//! `BENCH_BIG_MIB`; `BENCH_ONLY=get,serve,put,blobs,rss,size,scale,index`
-//! runs only those phases.
+//! `BENCH_BIG_MIB`, `BENCH_INSTR_REQUESTS`;
+//! `BENCH_ONLY=get,serve,put,blobs,rss,size,scale,index,instr` runs only
+//! those phases.
 
 mod client;
+mod instructions;
 mod load;
 mod procfs;
 mod registry;
@@ -67,6 +71,9 @@ struct Settings {
     /// A second archmerge, in serve mode, in front of the same registry.
     serve: Target,
     serve_pid: u32,
+    /// archmerge in write mode and in serve mode under callgrind, when
+    /// `scripts/bench.sh` started them (the `instr` phase).
+    counted: Option<[instructions::Counted; 2]>,
     archmerge_bin: PathBuf,
     registry_data: PathBuf,
     rounds: usize,
@@ -81,6 +88,8 @@ struct Settings {
     small_mib: u64,
     big_mib: u64,
     iterations: usize,
+    /// GETs per connection in one counted window of the `instr` phase.
+    instr_requests: usize,
 }
 
 fn pick<T>(quick: bool, full: T, small: T) -> T {
@@ -155,6 +164,21 @@ impl Settings {
                 addr: addr("serve")?,
             },
             serve_pid: pid("serve-pid"),
+            counted: match (kv.get("counted"), kv.get("counted-serve")) {
+                (Some(_), Some(_)) => Some([
+                    instructions::Counted {
+                        addr: addr("counted")?,
+                        pid: pid("counted-pid"),
+                        out: get("counted-out")?.into(),
+                    },
+                    instructions::Counted {
+                        addr: addr("counted-serve")?,
+                        pid: pid("counted-serve-pid"),
+                        out: get("counted-serve-out")?.into(),
+                    },
+                ]),
+                _ => None,
+            },
             archmerge_bin: get("archmerge-bin")?.into(),
             registry_data: get("registry-data")?.into(),
             rounds: env_or("BENCH_ROUNDS", pick(quick, 5, 2)),
@@ -169,6 +193,7 @@ impl Settings {
             small_mib: env_or("BENCH_SMALL_MIB", 64),
             big_mib: env_or("BENCH_BIG_MIB", pick(quick, 1024, 128)),
             iterations: env_or("BENCH_ITERATIONS", pick(quick, 10_000, 1_000)),
+            instr_requests: env_or("BENCH_INSTR_REQUESTS", pick(quick, 500, 100)),
         })
     }
 }
@@ -996,12 +1021,64 @@ async fn main() -> anyhow::Result<()> {
         say("index synthesis");
         outcome("index synthesis", synthesis(&s, &mut res));
     }
+    if run("instr") {
+        say("instructions per request (callgrind)");
+        outcome("instructions", instructions(&s, &mut res).await);
+    }
     for f in &failed {
         res.notes.push(format!("FAILED {f}"));
     }
     res.print();
     if !failed.is_empty() {
         bail!("{} phase(s) failed: {}", failed.len(), failed.join("; "));
+    }
+    Ok(())
+}
+
+/// GETs counted by callgrind (`instructions.rs`): a plain manifest through
+/// archmerge in write mode, and an index of four arches synthesized by
+/// archmerge in serve mode, three windows each.
+async fn instructions(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
+    let Some([write, serve]) = &s.counted else {
+        bail!("scripts/bench.sh started no archmerge under callgrind (is valgrind installed?)");
+    };
+    let repo = "bench/instr";
+    let mut conn = Conn::open(s.targets[ARCHMERGE].addr).await?;
+    let images = registry::Images::seed(&mut conn, repo).await?;
+    registry::put_manifest(&mut conn, repo, "plain", images.manifest("x86_64", "instr")).await?;
+    for (alias, ..) in registry::ARCHES.iter().take(4) {
+        let bytes = images.manifest(alias, "instr-index");
+        registry::put_manifest(&mut conn, repo, &format!("{alias}_v1"), bytes).await?;
+    }
+    const CONNS: usize = 4;
+    const WINDOWS: usize = 3;
+    for (what, target, tag) in [
+        ("manifest GET, write mode", write, "plain"),
+        ("index GET, serve mode", serve, "v1"),
+    ] {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        let per = instructions::per_request(
+            target,
+            &path,
+            registry::ACCEPT_MANIFESTS,
+            CONNS,
+            s.instr_requests,
+            WINDOWS,
+        )
+        .await
+        .with_context(|| what.to_owned())?;
+        let spread = Spread::of(&per);
+        say(format!(
+            "{what}: {} instructions per request",
+            spread.show(0)
+        ));
+        res.figure(
+            format!(
+                "user-space instructions per {what} (callgrind; {WINDOWS} windows of {})",
+                CONNS * s.instr_requests
+            ),
+            spread.show(0),
+        );
     }
     Ok(())
 }
