@@ -52,6 +52,7 @@
 //! - [`error`] — the request-boundary error and its response.
 //! - [`body`] — the one body type for streamed and buffered bodies.
 //! - [`metrics`] — Prometheus families.
+//! - [`logs`] — the text log format, with the per-request access line written directly.
 //! - [`tls`] — rustls on the listener and towards an https registry.
 //!
 //! Layering: `server` calls `forward`, `intercept` and `serve`; those call
@@ -91,6 +92,7 @@ pub mod index;
 pub(crate) mod inspect;
 pub(crate) mod intercept;
 mod listener;
+pub mod logs;
 pub(crate) mod merge;
 pub(crate) mod metrics;
 pub mod oci;

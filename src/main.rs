@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use archmerge::admin;
 use archmerge::app::App;
 use archmerge::config::{Config, LogFormat, Settings};
+use archmerge::logs;
 use archmerge::server;
 
 /// Exit status for a configuration error (EX_CONFIG from sysexits.h is 78;
@@ -100,7 +101,7 @@ fn init_tracing(format: LogFormat, quiet: bool) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Text => builder.init(),
+        LogFormat::Text => builder.event_format(logs::Text::default()).init(),
         LogFormat::Json => builder.json().init(),
     }
 }

@@ -130,7 +130,7 @@ pub async fn handle(
     // The access log: one line per request, never a header value (so never
     // a credential). `RUST_LOG=archmerge::access=warn` silences it.
     tracing::info!(
-        target: "archmerge::access",
+        target: crate::logs::ACCESS,
         method = %method,
         route = kind,
         status,
