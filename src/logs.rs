@@ -37,7 +37,7 @@ impl Default for Text<Rfc3339> {
 
 /// The time as tracing-subscriber's `SystemTime` timer writes it (UTC,
 /// RFC 3339, microseconds: `2026-12-04T12:00:00.000000Z`), formatted in one
-/// buffer instead of seven padded `fmt` calls.
+/// buffer instead of a padded `fmt` call per part.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Rfc3339;
 
