@@ -20,7 +20,6 @@ use std::process::Command;
 
 use anyhow::{anyhow, bail, Context as _};
 use http::{Method, StatusCode};
-use http_body_util::BodyExt;
 
 use crate::client::{self, Conn};
 
@@ -69,7 +68,7 @@ pub async fn per_request(
 }
 
 /// `per_conn` GETs on each connection, the connections at once; every one
-/// must be answered 200.
+/// must be answered 200 (each bounded in time by [`Conn::call`]).
 async fn send_all(
     conns: &mut [Conn],
     path: &str,
@@ -78,16 +77,12 @@ async fn send_all(
 ) -> anyhow::Result<()> {
     let runs = conns.iter_mut().map(|conn| async move {
         for _ in 0..per_conn {
-            let resp = conn
-                .send(Method::GET, path, &[("accept", accept)], client::empty())
+            let (parts, body) = conn
+                .call(Method::GET, path, &[("accept", accept)], client::empty())
                 .await?;
-            let status = resp.status();
-            resp.into_body().collect().await?;
-            if status != StatusCode::OK {
-                bail!("GET {path} answered {status}");
-            }
+            client::expect(&format!("GET {path}"), &parts, &body, StatusCode::OK)?;
         }
-        Ok(())
+        Ok::<_, anyhow::Error>(())
     });
     for r in futures_util::future::join_all(runs).await {
         r?;

@@ -457,10 +457,7 @@ async fn index_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
     let archmerge = &s.targets[ARCHMERGE];
     let mut conn = Conn::open(archmerge.addr).await?;
     let images = registry::Images::seed(&mut conn, repo).await?;
-    for (alias, ..) in registry::ARCHES.iter().take(4) {
-        let bytes = images.manifest(alias, "index");
-        registry::put_manifest(&mut conn, repo, &format!("{alias}_v1"), bytes).await?;
-    }
+    push_index_of_four(&mut conn, &images, "index").await?;
     let path = format!("/v2/{repo}/manifests/v1");
     // The two modes must serve the same bytes.
     let mut bodies = Vec::new();
@@ -529,6 +526,20 @@ async fn index_get(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         ),
         am <= GET_CPU_GOAL_US,
     );
+    Ok(())
+}
+
+/// The first four arches' `<alias>_v1` tags of `images`' repository, pushed
+/// through archmerge on `conn`: the index `v1` of four entries.
+async fn push_index_of_four(
+    conn: &mut Conn,
+    images: &registry::Images,
+    note: &str,
+) -> anyhow::Result<()> {
+    for (alias, ..) in registry::ARCHES.iter().take(4) {
+        let bytes = images.manifest(alias, note);
+        registry::put_manifest(conn, images.repo(), &format!("{alias}_v1"), bytes).await?;
+    }
     Ok(())
 }
 
@@ -1046,10 +1057,7 @@ async fn instructions(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
     let mut conn = Conn::open(s.targets[ARCHMERGE].addr).await?;
     let images = registry::Images::seed(&mut conn, repo).await?;
     registry::put_manifest(&mut conn, repo, "plain", images.manifest("x86_64", "instr")).await?;
-    for (alias, ..) in registry::ARCHES.iter().take(4) {
-        let bytes = images.manifest(alias, "instr-index");
-        registry::put_manifest(&mut conn, repo, &format!("{alias}_v1"), bytes).await?;
-    }
+    push_index_of_four(&mut conn, &images, "instr-index").await?;
     const CONNS: usize = 4;
     const WINDOWS: usize = 3;
     for (what, target, tag) in [
