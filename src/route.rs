@@ -111,12 +111,23 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
     if rest == "_catalog" {
         return Ok(Route::Catalog);
     }
-    let parts: Vec<&str> = rest.split('/').collect();
-    let n = parts.len();
-    let name_of = |end: usize| -> Result<String, RouteError> {
-        let name = parts[..end].join("/");
-        if is_valid_name(&name) {
-            Ok(name)
+    // From the right: the last one or two components say what is
+    // addressed, and the name is what comes before them.
+    let mut from_right = rest.rsplitn(4, '/');
+    let last = from_right.next().unwrap_or_default();
+    let (Some(second), Some(third)) = (from_right.next(), from_right.next()) else {
+        return Ok(Route::Other);
+    };
+    let fourth = from_right.next();
+    // `rest` without its last `k` components (and their `/`).
+    let name_of = |k: usize| -> Result<String, RouteError> {
+        let dropped = match k {
+            2 => second.len() + last.len() + 2,
+            _ => third.len() + second.len() + last.len() + 3,
+        };
+        let name = &rest[..rest.len() - dropped];
+        if is_valid_name(name) {
+            Ok(name.to_owned())
         } else {
             Err(RouteError::new(
                 ErrorCode::NameInvalid,
@@ -124,56 +135,44 @@ pub fn parse(path: &str) -> Result<Route, RouteError> {
             ))
         }
     };
-    // From the right: the last one or two components say what is addressed.
-    if n >= 3 && parts[n - 2] == "manifests" {
-        let name = name_of(n - 2)?;
-        let r = parts[n - 1];
-        let reference = if r.contains(':') {
-            if !is_valid_digest(r) {
-                return Err(RouteError::new(
-                    ErrorCode::DigestInvalid,
-                    format!("invalid digest {r:?}"),
-                ));
-            }
-            Reference::Digest(r.to_owned())
-        } else {
-            if !is_valid_tag(r) {
-                return Err(RouteError::new(
-                    ErrorCode::TagInvalid,
-                    format!("invalid tag {r:?}"),
-                ));
-            }
-            Reference::Tag(r.to_owned())
-        };
-        return Ok(Route::Manifest { name, reference });
-    }
-    if n >= 3 && parts[n - 2] == "uploads" && parts[n - 3] == "blobs" && n >= 4 {
-        return Ok(Route::Upload {
-            name: name_of(n - 3)?,
-        });
-    }
-    if n >= 3 && parts[n - 2] == "blobs" {
-        if parts[n - 1] == "uploads" {
-            // `/blobs/uploads` without the trailing slash.
-            return Ok(Route::Upload {
-                name: name_of(n - 2)?,
-            });
+    match (third, second, last) {
+        (_, "manifests", r) => {
+            let name = name_of(2)?;
+            let reference = if r.contains(':') {
+                if !is_valid_digest(r) {
+                    return Err(RouteError::new(
+                        ErrorCode::DigestInvalid,
+                        format!("invalid digest {r:?}"),
+                    ));
+                }
+                Reference::Digest(r.to_owned())
+            } else {
+                if !is_valid_tag(r) {
+                    return Err(RouteError::new(
+                        ErrorCode::TagInvalid,
+                        format!("invalid tag {r:?}"),
+                    ));
+                }
+                Reference::Tag(r.to_owned())
+            };
+            Ok(Route::Manifest { name, reference })
         }
-        let name = name_of(n - 2)?;
-        check_digest(parts[n - 1])?;
-        return Ok(Route::Blob { name });
+        ("blobs", "uploads", _) if fourth.is_some() => Ok(Route::Upload { name: name_of(3)? }),
+        // `/blobs/uploads` without the trailing slash.
+        (_, "blobs", "uploads") => Ok(Route::Upload { name: name_of(2)? }),
+        (_, "blobs", d) => {
+            let name = name_of(2)?;
+            check_digest(d)?;
+            Ok(Route::Blob { name })
+        }
+        (_, "tags", "list") => Ok(Route::Tags { name: name_of(2)? }),
+        (_, "referrers", d) => {
+            let name = name_of(2)?;
+            check_digest(d)?;
+            Ok(Route::Referrers { name })
+        }
+        _ => Ok(Route::Other),
     }
-    if n >= 3 && parts[n - 2] == "tags" && parts[n - 1] == "list" {
-        return Ok(Route::Tags {
-            name: name_of(n - 2)?,
-        });
-    }
-    if n >= 3 && parts[n - 2] == "referrers" {
-        let name = name_of(n - 2)?;
-        check_digest(parts[n - 1])?;
-        return Ok(Route::Referrers { name });
-    }
-    Ok(Route::Other)
 }
 
 /// Refuses dot segments (`.`, `..`, also percent-encoded) and empty
@@ -189,17 +188,28 @@ fn check_segments(path: &str) -> Result<(), RouteError> {
         Some(i) if trailing_ok => i,
         _ => inner,
     };
-    let segments: Vec<&str> = inner.split('/').collect();
-    let n = segments.len();
+    // Which segments are dots (decoded, with no allocation: a dot
+    // segment is at most `%2e%2e`), and whether one that is may stand as
+    // a reference, the last segment after `manifests`, `blobs` or
+    // `referrers`.
     let dot = |seg: &str| {
-        let decoded: Vec<u8> = percent_encoding::percent_decode_str(seg).collect();
-        decoded == b"." || decoded == b".."
+        seg.len() <= 6 && {
+            let mut decoded = percent_encoding::percent_decode_str(seg);
+            matches!(
+                (decoded.next(), decoded.next(), decoded.next()),
+                (Some(b'.'), None, _) | (Some(b'.'), Some(b'.'), None)
+            )
+        }
     };
-    let bad = segments.iter().enumerate().any(|(i, seg)| {
-        let reference =
-            i + 1 == n && i > 0 && matches!(segments[i - 1], "manifests" | "blobs" | "referrers");
-        seg.is_empty() || (dot(seg) && !reference)
-    });
+    let mut segments = inner.split('/').peekable();
+    let mut previous = None;
+    let mut bad = false;
+    while let Some(seg) = segments.next() {
+        let reference = segments.peek().is_none()
+            && matches!(previous, Some("manifests" | "blobs" | "referrers"));
+        bad |= seg.is_empty() || (!reference && dot(seg));
+        previous = Some(seg);
+    }
     if bad && !inner.is_empty() {
         return Err(RouteError::new(
             ErrorCode::NameInvalid,
