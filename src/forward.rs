@@ -157,7 +157,10 @@ pub fn upstream_request(
     // The client's header map is rewritten in place and sent on.
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
-    headers.remove(header::HOST);
+    match upstream.host() {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
     // The upstream client has no 100-continue support; hyper answers the
     // client's `Expect` itself when the body is first polled.
     headers.remove(header::EXPECT);

@@ -615,9 +615,12 @@ fn request_head(
     head.extend_from_slice(out.method().as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    head.extend_from_slice(authority.as_bytes());
-    head.extend_from_slice(b"\r\n");
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    if !out.headers().contains_key(header::HOST) {
+        head.extend_from_slice(b"host: ");
+        head.extend_from_slice(authority.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
     for (name, value) in out.headers() {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");

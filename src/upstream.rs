@@ -159,6 +159,20 @@ impl Auth {
     }
 }
 
+/// `Host` as the pooled client would write it for a plaintext registry:
+/// the host, and the port unless it is 80.
+fn plaintext_host(upstream: &UpstreamConfig) -> Option<HeaderValue> {
+    if upstream.scheme != http::uri::Scheme::HTTP {
+        return None;
+    }
+    let authority = &upstream.authority;
+    let value = match authority.port_u16() {
+        Some(80) | None => HeaderValue::from_str(authority.host()),
+        Some(port) => HeaderValue::from_str(&format!("{}:{port}", authority.host())),
+    };
+    value.ok()
+}
+
 /// A header value marked sensitive (hyper keeps it out of debug output).
 fn sensitive(value: &str) -> Option<HeaderValue> {
     let mut v = HeaderValue::from_str(value).ok()?;
@@ -180,6 +194,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// Bearer tokens for archmerge's own identity, by challenge.
     tokens: token::Tokens,
+    /// The `Host` of a plaintext registry's requests, made once.
+    host: Option<HeaderValue>,
 }
 
 impl Upstream {
@@ -218,7 +234,16 @@ impl Upstream {
             headers_timeout: config.timeouts.upstream_headers,
             metrics,
             tokens: token::Tokens::default(),
+            host: plaintext_host(&config.upstream),
         })
+    }
+
+    /// The `Host` header of a request forwarded to a plaintext registry
+    /// (HTTP/1.1 only), made once instead of by the pooled client per
+    /// request; `None` for TLS, where ALPN may pick HTTP/2 and the client
+    /// sets what the version needs.
+    pub fn host(&self) -> Option<&HeaderValue> {
+        self.host.as_ref()
     }
 
     /// How long the registry may take to start answering, and (for a body
@@ -598,6 +623,23 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_plaintext_registry_gets_the_host_the_pooled_client_would_write() {
+        let host = |origin: &str| {
+            let uri: Uri = origin.parse().unwrap();
+            plaintext_host(&UpstreamConfig {
+                scheme: uri.scheme().unwrap().clone(),
+                authority: uri.authority().unwrap().clone(),
+                origin: origin.into(),
+            })
+        };
+        assert_eq!(host("http://127.0.0.1:5000").unwrap(), "127.0.0.1:5000");
+        assert_eq!(host("http://registry:80").unwrap(), "registry");
+        assert_eq!(host("http://registry").unwrap(), "registry");
+        assert_eq!(host("http://[::1]:5000").unwrap(), "[::1]:5000");
+        assert!(host("https://registry:443").is_none());
+    }
 
     #[test]
     fn follows_next_links() {
