@@ -262,8 +262,9 @@ pub struct Config {
     /// authenticates the client; this bounds what unauthenticated clients
     /// can pin.
     pub manifest_buffer_bytes: u64,
-    /// Whether blob downloads from a plaintext registry to a plaintext
-    /// HTTP/1.1 client are spliced (`crate::splice`) instead of copied.
+    /// Whether blob and manifest downloads from a plaintext registry to a
+    /// plaintext HTTP/1.1 client are spliced (`crate::splice`) instead of
+    /// copied.
     pub zero_copy_downloads: bool,
     /// Whether blob upload bodies from a plaintext HTTP/1.1 client to a
     /// plaintext registry are spliced (`crate::splice`) instead of copied.

@@ -174,7 +174,7 @@ async fn dispatch(
             .await
         }
         // Boxed too: the zero-copy try holds the registry's answer head.
-        (&Method::GET, Route::Blob { .. }, _) => {
+        (&Method::GET, Route::Blob { .. } | Route::Manifest { .. }, _) => {
             match Box::pin(app.downloads.get(&app.upstream, req, &client)).await {
                 Download::Answered(resp) => Ok(resp),
                 Download::TimedOut(after) => Err(ProxyError::UpstreamTimeout(after)),

@@ -22,6 +22,15 @@ fn get(path: &str) -> Vec<u8> {
     format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").into_bytes()
 }
 
+/// A manifest GET, accepting what [`media::OCI_MANIFEST`] images are.
+fn get_manifest(path: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: {}\r\n\r\n",
+        media::OCI_MANIFEST
+    )
+    .into_bytes()
+}
+
 fn connect(port: u16) -> TcpStream {
     let conn = TcpStream::connect(("127.0.0.1", port)).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(20)))
@@ -106,6 +115,94 @@ async fn a_blob_is_spliced_to_a_plain_http11_client_byte_for_byte_and_the_connec
         spliced >= 2.0 * (SIZE - 64 * 1024) as f64 && spliced <= 2.0 * SIZE as f64,
         "{spliced} bytes spliced for two blobs of {SIZE}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_get_takes_the_zero_copy_way_too_and_comes_back_exactly() {
+    let s = Stack::new();
+    let registry = s.registry.url();
+    let image = push_small_image(&http(), &registry, "dl/man", "small", "amd64", 7).await;
+    // A manifest far larger than what comes with the registry's head, so
+    // most of it is spliced.
+    let mut big: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
+    big["annotations"] = serde_json::json!({ "org.example.filler": "f".repeat(900_000) });
+    let big = serde_json::to_vec(&big).unwrap();
+    let res = put_manifest(
+        &http(),
+        &registry,
+        "dl/man",
+        "big",
+        media::OCI_MANIFEST,
+        &big,
+    )
+    .await;
+    assert_eq!(
+        res.status(),
+        201,
+        "{}",
+        res.text().await.unwrap_or_default()
+    );
+    let big_digest = digest_of(&big);
+    let port = s.proxy.port();
+
+    let by_digest = big_digest.clone();
+    let answers = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let mut pipelined = get_manifest("/v2/dl/man/manifests/big");
+        pipelined.extend(get_manifest("/v2/dl/man/manifests/small"));
+        pipelined.extend(get_manifest("/v2/dl/man/manifests/unknown"));
+        pipelined.extend(get_manifest(&format!("/v2/dl/man/manifests/{by_digest}")));
+        pipelined.extend(get("/v2/"));
+        conn.write_all(&pipelined).unwrap();
+        (0..5)
+            .map(|_| read_hashed_answer(&mut conn))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let answers: Vec<HashedAnswer> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}")))
+        .collect();
+    for (a, bytes) in [
+        (&answers[0], &big),
+        (&answers[1], &image.manifest),
+        (&answers[3], &big),
+    ] {
+        let digest = digest_of(bytes);
+        assert_eq!(a.status, 200, "{}", a.head);
+        assert_eq!((a.len, &a.digest), (bytes.len(), &digest), "{}", a.head);
+        let head = a.head.to_ascii_lowercase();
+        assert!(
+            head.contains(&format!("docker-content-digest: {digest}")),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-type: {}", media::OCI_MANIFEST)),
+            "{head}"
+        );
+    }
+    assert_eq!(answers[2].status, 404, "{}", answers[2].head);
+    assert_eq!(answers[4].status, 200, "{}", answers[4].head);
+
+    // Spliced, not copied: all but what came with the registry's head.
+    let spliced = s.metric(SPLICED).await;
+    assert!(
+        spliced >= 2.0 * (big.len() - 64 * 1024) as f64 && spliced <= 2.0 * big.len() as f64,
+        "{spliced} bytes spliced for two manifests of {}",
+        big.len()
+    );
+
+    // A HEAD goes the ordinary way and says the same.
+    let head = http()
+        .head(format!("{}/v2/dl/man/manifests/big", s.proxy.url()))
+        .header("accept", media::OCI_MANIFEST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(&head, "content-length"), Some(big.len().to_string()));
+    assert_eq!(header(&head, "docker-content-digest"), Some(big_digest));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
