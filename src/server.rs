@@ -158,8 +158,13 @@ async fn dispatch(
     }
     let req = Request::from_parts(parts, body);
     match (req.method(), route, app.indexes.served()) {
+        // Boxed: serve mode's answer holds an index lookup and a registry
+        // probe, several times a forward's future.
         (&Method::GET | &Method::HEAD, Route::Manifest { name, reference }, Some(aggregates)) => {
-            serve::get_manifest(app, aggregates, req, name, reference, client).await
+            Box::pin(serve::get_manifest(
+                app, aggregates, req, name, reference, client,
+            ))
+            .await
         }
         // Boxed: a write's future holds a merge and is many times the size
         // of a forward's, which every request would otherwise carry and
@@ -179,10 +184,13 @@ async fn dispatch(
                 Download::Answered(resp) => Ok(resp),
                 Download::TimedOut(after) => Err(ProxyError::UpstreamTimeout(after)),
                 Download::Declined { req, failed } => {
-                    forward::forward_after(&app.upstream, req, &client, failed).await
+                    Box::pin(forward::forward_after(&app.upstream, req, &client, failed)).await
                 }
             }
         }
-        _ => forward::forward(&app.upstream, req, &client).await,
+        // Boxed as well, so that the request's future is small whichever
+        // way it goes: hyper moves it into place whole, and a GET answered
+        // the zero-copy way would otherwise carry a forward's room too.
+        _ => Box::pin(forward::forward(&app.upstream, req, &client)).await,
     }
 }
