@@ -614,17 +614,22 @@ fn request_head(
             .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
     }
     let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
+    head_bytes(out.method(), path, out.headers(), authority)
+}
+
+/// An HTTP/1.1 request head; `host` is `authority` unless `headers` has one.
+fn head_bytes(method: &Method, path: &str, headers: &HeaderMap, authority: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
-    head.extend_from_slice(out.method().as_str().as_bytes());
+    head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    if !out.headers().contains_key(header::HOST) {
+    if !headers.contains_key(header::HOST) {
         head.extend_from_slice(b"host: ");
         head.extend_from_slice(authority.as_bytes());
         head.extend_from_slice(b"\r\n");
     }
-    for (name, value) in out.headers() {
+    for (name, value) in headers {
         head.extend_from_slice(name.as_str().as_bytes());
         head.extend_from_slice(b": ");
         head.extend_from_slice(value.as_bytes());
