@@ -25,7 +25,7 @@ use crate::merge::{Desired, MergeError, Merger, Survey};
 use crate::metrics::{CacheLabels, Metrics};
 use crate::oci::{ErrorCode, MAX_MANIFEST_BYTES};
 use crate::route::Reference;
-use crate::upstream::{Auth, Upstream};
+use crate::upstream::{Auth, MANIFEST_ACCEPT};
 
 /// A synthesized index, ready to serve.
 #[derive(Debug)]
@@ -318,7 +318,7 @@ pub async fn get_manifest(
             // A registry that refuses the listing (e.g. 401 for an anonymous
             // client) gets the request itself, and answers it as it will.
             if let Ok(Some(served)) = aggregates.for_target(&repo, tag, &auth).await {
-                return answer(&app.upstream, &req, &repo, &served, &auth, &client).await;
+                return answer(app, &req, &repo, &served, &auth, &client).await;
             }
             forward::forward(&app.upstream, req, &client).await
         }
@@ -341,7 +341,7 @@ pub async fn get_manifest(
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
             if let Some(served) = aggregates.for_digest(&repo, &digest, &auth).await {
-                return answer(&app.upstream, &head, &repo, &served, &auth, &client).await;
+                return answer(app, &head, &repo, &served, &auth, &client).await;
             }
             forward::downstream_parts(&mut resp_parts, &app.upstream, &client);
             Ok(Response::from_parts(resp_parts, body::full(not_found)))
@@ -351,7 +351,7 @@ pub async fn get_manifest(
 
 /// Has the registry authorize the request, negotiates, and serves.
 async fn answer<B>(
-    upstream: &Upstream,
+    app: &App,
     req: &Request<B>,
     repo: &str,
     served: &Served,
@@ -360,12 +360,8 @@ async fn answer<B>(
 ) -> Result<Response<Body>, ProxyError> {
     // Authorization first: even "not acceptable" would tell a client that
     // the registry refuses that an index exists here.
-    let probe = upstream
-        .probe_manifest(repo, &served.probe, req.method().clone(), auth)
-        .await
-        .map_err(proxy_error)?;
-    if !probe.status().is_success() {
-        return Ok(forward::downstream_response(probe, upstream, client));
+    if let Some(refused) = Box::pin(probe(app, req.method(), repo, served, auth, client)).await? {
+        return Ok(refused);
     }
     if !accepts(req.headers(), served.media_type) {
         return Ok(error_response(
@@ -402,6 +398,43 @@ async fn answer<B>(
         HeaderValue::from_static("registry/2.0"),
     );
     Ok(resp)
+}
+
+/// Asks the registry for one child manifest with the client's credentials
+/// and method; `Some` is its refusal, ready to pass on. On archmerge's own
+/// registry connections when it can ([`crate::splice::Downloads::small`]),
+/// through the pooled client otherwise.
+async fn probe(
+    app: &App,
+    method: &Method,
+    repo: &str,
+    served: &Served,
+    auth: &Auth,
+    client: &ClientSide,
+) -> Result<Option<Response<Body>>, ProxyError> {
+    let upstream = &app.upstream;
+    if !auth.is_own() {
+        let mut headers = HeaderMap::with_capacity(3);
+        if let Some(host) = upstream.host() {
+            headers.insert(header::HOST, host.clone());
+        }
+        headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        if let Some(authorization) = auth.client_header() {
+            headers.insert(header::AUTHORIZATION, authorization.clone());
+        }
+        let path = format!("/v2/{repo}/manifests/{}", served.probe);
+        if let Some(answer) = app.downloads.small(method, &path, &headers).await {
+            let answer = answer.map_err(proxy_error)?;
+            return Ok((!answer.status().is_success())
+                .then(|| forward::downstream_body(answer, upstream, client)));
+        }
+    }
+    let answer = upstream
+        .probe_manifest(repo, &served.probe, method.clone(), auth)
+        .await
+        .map_err(proxy_error)?;
+    Ok((!answer.status().is_success())
+        .then(|| forward::downstream_response(answer, upstream, client)))
 }
 
 /// Whether the `Accept` lines name `media_type` (or `*/*`).

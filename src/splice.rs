@@ -53,6 +53,7 @@ use crate::body::{self, Body, BoxError, ClientBody};
 use crate::config::Config;
 use crate::forward::{self, ClientSide};
 use crate::metrics::Metrics;
+use crate::upstream::UpstreamError;
 
 mod upload;
 
@@ -389,7 +390,8 @@ impl Downloads {
         }
         let head = request_head(upstream, &req, client, authority, None);
         let started = Instant::now();
-        let answer = tokio::time::timeout(self.headers, self.ask(authority, &head)).await;
+        let answer =
+            tokio::time::timeout(self.headers, self.ask(&Method::GET, authority, &head)).await;
         self.metrics
             .upstream_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -418,8 +420,13 @@ impl Downloads {
     /// Sends `head` on a pooled connection (once more on a fresh one if the
     /// pooled one turns out closed before any answer) and reads the head of
     /// the answer.
-    async fn ask(&self, authority: &str, head: &[u8]) -> io::Result<(TcpStream, Answer)> {
-        self.count(&Method::GET);
+    async fn ask(
+        &self,
+        method: &Method,
+        authority: &str,
+        head: &[u8],
+    ) -> io::Result<(TcpStream, Answer)> {
+        self.count(method);
         let mut tried_pooled = false;
         if let Some(mut conn) = self.pool.take() {
             if let Ok(answer) = exchange(&mut conn, head).await {
@@ -432,10 +439,51 @@ impl Downloads {
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
         conn.set_nodelay(true)?;
         if tried_pooled {
-            self.count(&Method::GET);
+            self.count(method);
         }
         let answer = exchange(&mut conn, head).await?;
         Ok((conn, answer))
+    }
+
+    /// A request archmerge makes itself (`GET` or `HEAD`, no body) on these
+    /// connections, its answer read whole: status, headers and a body of at
+    /// most [`MAX_SMALL_BODY`], within `upstream_headers_secs`. `None` when
+    /// it cannot go this way (a TLS registry, zero-copy downloads off, an
+    /// answer framed otherwise or larger): the caller asks through the
+    /// pooled client. It skips that client's checkout, connection task and
+    /// client-side parse, which serve mode's authorization probe, made for
+    /// every GET, would otherwise pay.
+    pub(crate) async fn small(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<Result<Response<Body>, UpstreamError>> {
+        let authority = self.authority.as_deref()?;
+        if !matches!(*method, Method::GET | Method::HEAD) {
+            return None;
+        }
+        let head = head_bytes(method, path, headers, authority);
+        let started = Instant::now();
+        let exchange = async {
+            let (mut conn, answer) = self.ask(method, authority, &head).await?;
+            let whole = read_small_body(&mut conn, answer, method == Method::HEAD).await?;
+            Ok::<_, io::Error>((conn, whole))
+        };
+        let answer = tokio::time::timeout(self.headers, exchange).await;
+        self.metrics
+            .upstream_seconds
+            .observe(started.elapsed().as_secs_f64());
+        let (conn, whole) = match answer {
+            Ok(Ok(answered)) => answered,
+            Ok(Err(e)) => return Some(Err(UpstreamError::Unreachable(e.to_string()))),
+            Err(_) => return Some(Err(UpstreamError::Timeout(self.headers))),
+        };
+        let (status, headers, body) = whole?;
+        if !closes(&headers) {
+            self.pool.put(conn);
+        }
+        Some(Ok(response(status, headers, body::full(body))))
     }
 
     /// One request sent to the registry, counted with every other request.
@@ -539,6 +587,47 @@ struct Answer {
     status: StatusCode,
     headers: HeaderMap,
     rest: BytesMut,
+}
+
+/// The rest of a small answer's body, read; `None` for an answer framed
+/// otherwise (chunked, no `Content-Length`) or longer than
+/// [`MAX_SMALL_BODY`], whose connection is then dropped.
+async fn read_small_body(
+    conn: &mut TcpStream,
+    answer: Answer,
+    head_only: bool,
+) -> io::Result<Option<(StatusCode, HeaderMap, Bytes)>> {
+    let Answer {
+        status,
+        headers,
+        mut rest,
+    } = answer;
+    if head_only {
+        return Ok(rest.is_empty().then(|| (status, headers, Bytes::new())));
+    }
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return Ok(None);
+    }
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let Some(length) = length.filter(|&l| l <= MAX_SMALL_BODY && rest.len() <= l) else {
+        return Ok(None);
+    };
+    while rest.len() < length {
+        if conn.read_buf(&mut rest).await? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the registry closed mid-answer",
+            ));
+        }
+        if rest.len() > length {
+            // More than one answer to one request.
+            return Ok(None);
+        }
+    }
+    Ok(Some((status, headers, rest.freeze())))
 }
 
 /// Writes a request head and reads the answer's head.

@@ -133,6 +133,18 @@ impl Auth {
         h.finalize().into()
     }
 
+    /// The `Authorization` a client's credentials send, or `None` (also
+    /// for archmerge's own, which [`Upstream`]'s calls may exchange for a
+    /// token first: [`Auth::is_own`]).
+    pub fn client_header(&self) -> Option<&HeaderValue> {
+        self.own.is_none().then_some(self.header.as_ref()).flatten()
+    }
+
+    /// Whether these are archmerge's own credentials.
+    pub fn is_own(&self) -> bool {
+        self.own.is_some()
+    }
+
     /// A client's credentials, exactly as the client sent them.
     pub fn client(header: Option<HeaderValue>) -> Auth {
         let header = header.map(|mut h| {

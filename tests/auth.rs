@@ -50,10 +50,18 @@ impl Stack {
 
 /// `--mode <mode>`, with archmerge's own code logging everything it can, so
 /// a credential that reaches any log line shows.
+/// `serve-copying` is serve mode with zero-copy downloads off, so that its
+/// authorization probes take the pooled client instead of archmerge's own
+/// registry connections.
 fn opts(mode: &str) -> ArchmergeOpts {
+    let (mode, copying) = match mode {
+        "serve-copying" => ("serve", true),
+        other => (other, false),
+    };
     ArchmergeOpts {
         args: vec!["--mode".into(), mode.into()],
         env: vec![("RUST_LOG".into(), "info,archmerge=trace".into())],
+        config_toml: copying.then(|| "zero_copy_downloads = false\n".into()),
         ..ArchmergeOpts::default()
     }
 }
@@ -128,6 +136,7 @@ fn assert_no_credentials_in(log: &str, what: &str) {
 #[rstest]
 #[case::write_mode("write")]
 #[case::serve_mode("serve")]
+#[case::serve_mode_copying("serve-copying")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_and_wrong_password_clients_get_401_and_neither_index_nor_digest(
     #[case] mode: &'static str,
