@@ -61,8 +61,12 @@ impl ClientSide {
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()))
             .unwrap_or_else(|| config.listen.to_string());
+        let mut public_origin = String::with_capacity(proto.len() + 3 + host.len());
+        public_origin.push_str(proto);
+        public_origin.push_str("://");
+        public_origin.push_str(&host);
         ClientSide {
-            public_origin: format!("{proto}://{host}"),
+            public_origin,
             forwarded_host: host,
             forwarded_proto: proto,
             peer,
@@ -174,6 +178,12 @@ pub fn upstream_request(
     req
 }
 
+// Made at compile time: `from_static` in a function checks its argument
+// on every call.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Replaces whatever forwarding headers the client sent with archmerge's
 /// own. The registry builds the `Location` of an upload from them
 /// (distribution 2.8 takes `Forwarded` ahead of `X-Forwarded-*`, and only
@@ -198,10 +208,7 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
     }
     let proto = client.forwarded_proto;
     let peer = client.peer.ip();
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static(proto),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let host = &client.forwarded_host;
     // RFC 7239: an IPv6 node and a host with a port are quoted strings.
     let mut forwarded = String::with_capacity(32 + host.len());
@@ -230,7 +237,7 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
     let value =
         |range: std::ops::Range<usize>| HeaderValue::from_maybe_shared(forwarded.slice(range));
     if let Ok(v) = value(ip_start..ip_end) {
-        headers.insert(HeaderName::from_static("x-forwarded-for"), v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
     // The host as it is when nothing in it was escaped.
     let host_value = if host_end - host_start == host.len() {
@@ -241,7 +248,7 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
     let Ok(host_value) = host_value else {
         return;
     };
-    headers.insert(HeaderName::from_static("x-forwarded-host"), host_value);
+    headers.insert(X_FORWARDED_HOST, host_value);
     if let Ok(v) = HeaderValue::from_maybe_shared(forwarded) {
         headers.insert(header::FORWARDED, v);
     }
