@@ -47,7 +47,19 @@ async fn download(port: u16, path: String) -> HashedAnswer {
     })
     .await
     .unwrap()
-    .unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}"))
+    .unwrap_or_else(cut_off)
+}
+
+fn cut_off((head, got): (String, usize)) -> HashedAnswer {
+    panic!("cut off after {got} body bytes: {head}")
+}
+
+/// Answers read whole, or a panic that says where one was cut off.
+fn whole(answers: Vec<Result<HashedAnswer, (String, usize)>>) -> Vec<HashedAnswer> {
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(cut_off))
+        .collect()
 }
 
 /// A blob of [`SIZE`] pushed straight to the registry; its digest.
@@ -88,10 +100,7 @@ async fn a_blob_is_spliced_to_a_plain_http11_client_byte_for_byte_and_the_connec
     })
     .await
     .unwrap();
-    let answers: Vec<HashedAnswer> = answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}")))
-        .collect();
+    let answers = whole(answers);
     for (a, digest) in [(&answers[0], &first), (&answers[3], &second)] {
         assert_eq!(a.status, 200, "{}", a.head);
         assert_eq!(a.len, SIZE, "{}", a.head);
@@ -160,10 +169,7 @@ async fn a_manifest_get_takes_the_zero_copy_way_too_and_comes_back_exactly() {
     })
     .await
     .unwrap();
-    let answers: Vec<HashedAnswer> = answers
-        .into_iter()
-        .map(|a| a.unwrap_or_else(|(head, got)| panic!("cut off after {got} body bytes: {head}")))
-        .collect();
+    let answers = whole(answers);
     for (a, bytes) in [
         (&answers[0], &big),
         (&answers[1], &image.manifest),
