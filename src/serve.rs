@@ -419,7 +419,7 @@ async fn probe(
             headers.insert(header::HOST, host.clone());
         }
         headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
-        if let Some(authorization) = auth.client_header() {
+        if let Some(authorization) = auth.header() {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
         let path = format!("/v2/{repo}/manifests/{}", served.probe);

@@ -133,11 +133,11 @@ impl Auth {
         h.finalize().into()
     }
 
-    /// The `Authorization` a client's credentials send, or `None` (also
-    /// for archmerge's own, which [`Upstream`]'s calls may exchange for a
-    /// token first: [`Auth::is_own`]).
-    pub fn client_header(&self) -> Option<&HeaderValue> {
-        self.own.is_none().then_some(self.header.as_ref()).flatten()
+    /// The `Authorization` these credentials send first. For archmerge's
+    /// own ([`Auth::is_own`]), [`Upstream`]'s calls may exchange it for a
+    /// token on a challenge; a client's is only ever passed on.
+    pub fn header(&self) -> Option<&HeaderValue> {
+        self.header.as_ref()
     }
 
     /// Whether these are archmerge's own credentials.
