@@ -389,12 +389,7 @@ impl Downloads {
             return declined(req);
         }
         let head = request_head(upstream, &req, client, authority, None);
-        let started = Instant::now();
-        let answer =
-            tokio::time::timeout(self.headers, self.ask(&Method::GET, authority, &head)).await;
-        self.metrics
-            .upstream_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let answer = self.timed(self.ask(&Method::GET, authority, &head)).await;
         let (conn, answer) = match answer {
             Ok(Ok(answered)) => answered,
             Ok(Err(_)) => {
@@ -464,16 +459,13 @@ impl Downloads {
             return None;
         }
         let head = head_bytes(method, path, headers, authority);
-        let started = Instant::now();
-        let exchange = async {
-            let (mut conn, answer) = self.ask(method, authority, &head).await?;
-            let whole = read_small_body(&mut conn, answer, method == Method::HEAD).await?;
-            Ok::<_, io::Error>((conn, whole))
-        };
-        let answer = tokio::time::timeout(self.headers, exchange).await;
-        self.metrics
-            .upstream_seconds
-            .observe(started.elapsed().as_secs_f64());
+        let answer = self
+            .timed(async {
+                let (mut conn, answer) = self.ask(method, authority, &head).await?;
+                let whole = read_small_body(&mut conn, answer, method == Method::HEAD).await?;
+                Ok((conn, whole))
+            })
+            .await;
         let (conn, whole) = match answer {
             Ok(Ok(answered)) => answered,
             Ok(Err(e)) => return Some(Err(UpstreamError::Unreachable(e.to_string()))),
@@ -484,6 +476,20 @@ impl Downloads {
             self.pool.put(conn);
         }
         Some(Ok(response(status, headers, body::full(body))))
+    }
+
+    /// `exchange` within `upstream_headers_secs`, its time observed with
+    /// every other registry call's.
+    async fn timed<T>(
+        &self,
+        exchange: impl Future<Output = io::Result<T>>,
+    ) -> Result<io::Result<T>, tokio::time::error::Elapsed> {
+        let started = Instant::now();
+        let answer = tokio::time::timeout(self.headers, exchange).await;
+        self.metrics
+            .upstream_seconds
+            .observe(started.elapsed().as_secs_f64());
+        answer
     }
 
     /// One request sent to the registry, counted with every other request.
