@@ -160,15 +160,7 @@ pub fn upstream_request(
 ) -> Request<Body> {
     // The client's header map is rewritten in place and sent on.
     let mut headers = parts.headers;
-    strip_hop_by_hop(&mut headers);
-    match upstream.host() {
-        Some(host) => headers.insert(header::HOST, host.clone()),
-        None => headers.remove(header::HOST),
-    };
-    // The upstream client has no 100-continue support; hyper answers the
-    // client's `Expect` itself when the body is first polled.
-    headers.remove(header::EXPECT);
-    set_forwarding(&mut headers, client);
+    rewrite_request_headers(&mut headers, upstream.host(), client);
     let mut req = Request::new(body);
     *req.method_mut() = parts.method;
     *req.uri_mut() = upstream.uri_of(&parts.uri);
@@ -178,14 +170,77 @@ pub fn upstream_request(
     req
 }
 
+/// A client's request headers made the registry's, in place: what stays
+/// behind ([`StaysBehind`]) goes, and `host` (when there is one to send)
+/// and archmerge's [`forwarding`] headers come in.
+fn rewrite_request_headers(
+    headers: &mut HeaderMap,
+    host: Option<&HeaderValue>,
+    client: &ClientSide,
+) {
+    let stays = StaysBehind::of(headers);
+    // Most requests carry nothing to drop but a `Host` that is replaced
+    // anyway: one scan, and a list only when there is more.
+    if headers
+        .keys()
+        .any(|n| *n != header::HOST && stays.contains(n))
+    {
+        let gone: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| stays.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            headers.remove(name);
+        }
+    }
+    match host {
+        Some(host) => headers.insert(header::HOST, host.clone()),
+        None => headers.remove(header::HOST),
+    };
+    for (name, value) in forwarding(client).into_iter().flatten() {
+        headers.insert(name, value);
+    }
+}
+
+/// Which of a client's request headers stay behind on the way to the
+/// registry: the hop-by-hop ones and those `Connection` names (RFC 9110
+/// §7.6.1); `Host`, since the registry gets its own; `Expect`, since the
+/// upstream client has no 100-continue support (hyper answers the client's
+/// itself when the body is first polled); and every forwarding header,
+/// since archmerge sends its own ([`forwarding`]).
+pub(crate) struct StaysBehind<'a> {
+    /// The request's headers, when it has a `Connection` header whose
+    /// options may name more.
+    connection: Option<&'a HeaderMap>,
+}
+
+impl<'a> StaysBehind<'a> {
+    pub(crate) fn of(headers: &'a HeaderMap) -> StaysBehind<'a> {
+        StaysBehind {
+            connection: headers.contains_key(header::CONNECTION).then_some(headers),
+        }
+    }
+
+    pub(crate) fn contains(&self, name: &HeaderName) -> bool {
+        *name == header::HOST
+            || *name == header::EXPECT
+            || is_hop_by_hop(name)
+            || is_forwarding(name)
+            || self.connection.is_some_and(|headers| {
+                connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name.as_str()))
+            })
+    }
+}
+
 // Made at compile time: `from_static` in a function checks its argument
 // on every call.
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
-/// Replaces whatever forwarding headers the client sent with archmerge's
-/// own. The registry builds the `Location` of an upload from them
+/// The forwarding headers archmerge sends in place of whatever the client
+/// sent. The registry builds the `Location` of an upload from them
 /// (distribution 2.8 takes `Forwarded` ahead of `X-Forwarded-*`, and only
 /// `Location`s on its own origin are rewritten on the way back), and logs
 /// and notifies the client address they name: a client's own would steer
@@ -193,22 +248,16 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 ///
 /// The three values that name the client are slices of the one buffer
 /// `Forwarded` is written into: one allocation per request.
-fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
+pub(crate) fn forwarding(client: &ClientSide) -> [Option<(HeaderName, HeaderValue)>; 4] {
     use std::fmt::Write as _;
-    // Most clients send none: one scan, and a list only when there are.
-    if headers.keys().any(is_forwarding) {
-        let theirs: Vec<HeaderName> = headers
-            .keys()
-            .filter(|n| is_forwarding(n))
-            .cloned()
-            .collect();
-        for name in theirs {
-            headers.remove(name);
-        }
-    }
     let proto = client.forwarded_proto;
     let peer = client.peer.ip();
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    let mut out = [
+        Some((X_FORWARDED_PROTO, HeaderValue::from_static(proto))),
+        None,
+        None,
+        None,
+    ];
     let host = &client.forwarded_host;
     // RFC 7239: an IPv6 node and a host with a port are quoted strings.
     let mut forwarded = String::with_capacity(32 + host.len());
@@ -236,9 +285,7 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
     let forwarded = bytes::Bytes::from(forwarded);
     let value =
         |range: std::ops::Range<usize>| HeaderValue::from_maybe_shared(forwarded.slice(range));
-    if let Ok(v) = value(ip_start..ip_end) {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    out[1] = value(ip_start..ip_end).ok().map(|v| (X_FORWARDED_FOR, v));
     // The host as it is when nothing in it was escaped.
     let host_value = if host_end - host_start == host.len() {
         value(host_start..host_end)
@@ -246,12 +293,13 @@ fn set_forwarding(headers: &mut HeaderMap, client: &ClientSide) {
         HeaderValue::from_str(host)
     };
     let Ok(host_value) = host_value else {
-        return;
+        return out;
     };
-    headers.insert(X_FORWARDED_HOST, host_value);
-    if let Ok(v) = HeaderValue::from_maybe_shared(forwarded) {
-        headers.insert(header::FORWARDED, v);
-    }
+    out[2] = Some((X_FORWARDED_HOST, host_value));
+    out[3] = HeaderValue::from_maybe_shared(forwarded)
+        .ok()
+        .map(|v| (header::FORWARDED, v));
+    out
 }
 
 /// A forwarding header a client may send and archmerge replaces.
@@ -448,7 +496,7 @@ mod tests {
         ] {
             h.append(name, HeaderValue::from_static(value));
         }
-        set_forwarding(&mut h, &client("reg.example:5443", "10.0.0.7:40000"));
+        rewrite_request_headers(&mut h, None, &client("reg.example:5443", "10.0.0.7:40000"));
         assert_eq!(
             values(&h, "forwarded"),
             [r#"for=10.0.0.7;host="reg.example:5443";proto=https"#]
@@ -466,7 +514,7 @@ mod tests {
     #[test]
     fn forwarded_quotes_an_ipv6_node_and_escapes_the_host() {
         let mut h = HeaderMap::new();
-        set_forwarding(&mut h, &client(r#"a"b\c"#, "[::1]:40000"));
+        rewrite_request_headers(&mut h, None, &client(r#"a"b\c"#, "[::1]:40000"));
         assert_eq!(
             values(&h, "forwarded"),
             [r#"for="[::1]";host="a\"b\\c";proto=https"#]
