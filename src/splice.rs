@@ -689,49 +689,74 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
     }))
 }
 
-/// The request [`forward`] would send, as HTTP/1.1 bytes; with `length`,
-/// its `Content-Length` is that (a spliced body's, which hyper saw as 0).
-fn request_head(
+/// The request [`forward`] would send, as HTTP/1.1 bytes, written straight
+/// from the client's headers (no rewritten copy of them is made): the
+/// registry's `Host` (`authority` when [`crate::upstream::Upstream::host`]
+/// has none), what [`forward::StaysBehind`] keeps, and archmerge's
+/// [`forward::forwarding`] headers; with `length`, the `Content-Length` is
+/// that (a spliced body's, which hyper saw as 0).
+fn request_head<B>(
     upstream: &crate::upstream::Upstream,
-    req: &Request<ClientBody>,
+    req: &Request<B>,
     client: &ClientSide,
     authority: &str,
     length: Option<u64>,
 ) -> Vec<u8> {
-    let mut bare = Request::new(());
-    *bare.method_mut() = req.method().clone();
-    *bare.uri_mut() = req.uri().clone();
-    *bare.headers_mut() = req.headers().clone();
-    let (parts, ()) = bare.into_parts();
-    let mut out = forward::upstream_request(upstream, parts, body::empty(), client);
-    if let Some(length) = length {
-        out.headers_mut()
-            .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    let mut head = Vec::with_capacity(512);
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    request_line(&mut head, req.method(), path);
+    match upstream.host() {
+        Some(host) => header_line(&mut head, header::HOST.as_str(), host.as_bytes()),
+        None => header_line(&mut head, header::HOST.as_str(), authority.as_bytes()),
     }
-    let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
-    head_bytes(out.method(), path, out.headers(), authority)
+    let stays = forward::StaysBehind::of(req.headers());
+    for (name, value) in req.headers() {
+        let replaced = length.is_some() && *name == header::CONTENT_LENGTH;
+        if !replaced && !stays.contains(name) {
+            header_line(&mut head, name.as_str(), value.as_bytes());
+        }
+    }
+    for (name, value) in forward::forwarding(client).iter().flatten() {
+        header_line(&mut head, name.as_str(), value.as_bytes());
+    }
+    if let Some(length) = length {
+        let mut digits = itoa::Buffer::new();
+        header_line(
+            &mut head,
+            header::CONTENT_LENGTH.as_str(),
+            digits.format(length).as_bytes(),
+        );
+    }
+    head.extend_from_slice(b"\r\n");
+    head
 }
 
 /// An HTTP/1.1 request head; `host` is `authority` unless `headers` has one.
 fn head_bytes(method: &Method, path: &str, headers: &HeaderMap, authority: &str) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
+    request_line(&mut head, method, path);
+    if !headers.contains_key(header::HOST) {
+        header_line(&mut head, header::HOST.as_str(), authority.as_bytes());
+    }
+    for (name, value) in headers {
+        header_line(&mut head, name.as_str(), value.as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+fn request_line(head: &mut Vec<u8>, method: &Method, path: &str) {
     head.extend_from_slice(method.as_str().as_bytes());
     head.push(b' ');
     head.extend_from_slice(path.as_bytes());
     head.extend_from_slice(b" HTTP/1.1\r\n");
-    if !headers.contains_key(header::HOST) {
-        head.extend_from_slice(b"host: ");
-        head.extend_from_slice(authority.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
-    for (name, value) in headers {
-        head.extend_from_slice(name.as_str().as_bytes());
-        head.extend_from_slice(b": ");
-        head.extend_from_slice(value.as_bytes());
-        head.extend_from_slice(b"\r\n");
-    }
+}
+
+fn header_line(head: &mut Vec<u8>, name: &str, value: &[u8]) {
+    head.extend_from_slice(name.as_bytes());
+    head.extend_from_slice(b": ");
+    head.extend_from_slice(value);
     head.extend_from_slice(b"\r\n");
-    head
 }
 
 #[cfg(test)]
@@ -780,6 +805,94 @@ mod tests {
         assert!(parse_head(&mut partial).unwrap().is_none());
         let mut bad = BytesMut::from(&b"HTTP/1.1 2x0 OK\r\n\r\n"[..]);
         assert!(parse_head(&mut bad).is_err());
+    }
+
+    /// The head as [`forward::upstream_request`] rewrites the client's
+    /// request, in lines: the request line, then the header lines sorted.
+    fn forwarded_head(
+        upstream: &crate::upstream::Upstream,
+        req: &Request<()>,
+        client: &ClientSide,
+        length: Option<u64>,
+    ) -> Vec<String> {
+        let (parts, ()) = req.clone().into_parts();
+        let mut out = forward::upstream_request(upstream, parts, body::empty(), client);
+        if let Some(length) = length {
+            out.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
+        lines(&head_bytes(out.method(), path, out.headers(), "unused"))
+    }
+
+    fn lines(head: &[u8]) -> Vec<String> {
+        let text = std::str::from_utf8(head).unwrap();
+        let text = text
+            .strip_suffix("\r\n\r\n")
+            .expect("a head ends with an empty line");
+        let mut lines: Vec<String> = text.split("\r\n").map(str::to_owned).collect();
+        lines[1..].sort();
+        lines
+    }
+
+    #[test]
+    fn the_head_written_straight_is_the_request_forward_would_send() {
+        let settings = crate::config::Settings {
+            upstream: Some("http://127.0.0.1:5000".into()),
+            ..Default::default()
+        };
+        let config = Config::from_toml(&settings, "").unwrap();
+        let upstream = crate::upstream::Upstream::new(&config, Arc::new(Metrics::new())).unwrap();
+        let client = ClientSide {
+            public_origin: "http://reg.example:5000".into(),
+            forwarded_host: "reg.example:5000".into(),
+            forwarded_proto: "http",
+            peer: "10.0.0.7:40000".parse().unwrap(),
+        };
+        let plain: &[(&str, &str)] = &[
+            ("host", "reg.example:5000"),
+            ("user-agent", "docker/27.5"),
+            ("accept", "application/vnd.oci.image.index.v1+json"),
+            ("accept", "application/vnd.oci.image.manifest.v1+json"),
+            ("authorization", "Basic eA=="),
+        ];
+        let hostile: &[(&str, &str)] = &[
+            ("host", "evil.example"),
+            ("connection", "keep-alive, X-Custom"),
+            ("x-custom", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("proxy-authorization", "Basic eQ=="),
+            ("expect", "100-continue"),
+            ("forwarded", "for=192.0.2.1;host=evil.example"),
+            ("x-forwarded-for", "192.0.2.1"),
+            ("x-forwarded-prefix", "/evil"),
+            ("x-real-ip", "192.0.2.1"),
+            ("content-length", "7"),
+            ("content-type", "application/octet-stream"),
+            ("docker-content-digest", "sha256:x"),
+        ];
+        for headers in [plain, hostile, &[]] {
+            for (method, length) in [(Method::GET, None), (Method::PUT, Some(1u64 << 30))] {
+                let mut req = Request::new(());
+                *req.method_mut() = method;
+                *req.uri_mut() = "/v2/a/b/blobs/uploads/u?_state=x%2By&digest=sha256:1"
+                    .parse()
+                    .unwrap();
+                for (name, value) in headers {
+                    req.headers_mut().append(
+                        HeaderName::from_static(name),
+                        HeaderValue::from_static(value),
+                    );
+                }
+                let straight = lines(&request_head(&upstream, &req, &client, "unused", length));
+                assert_eq!(straight, forwarded_head(&upstream, &req, &client, length));
+                assert!(
+                    straight.contains(&"host: 127.0.0.1:5000".to_owned()),
+                    "{straight:?}"
+                );
+            }
+        }
     }
 
     #[test]
