@@ -249,7 +249,6 @@ const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host")
 /// The three values that name the client are slices of the one buffer
 /// `Forwarded` is written into: one allocation per request.
 pub(crate) fn forwarding(client: &ClientSide) -> [Option<(HeaderName, HeaderValue)>; 4] {
-    use std::fmt::Write as _;
     let proto = client.forwarded_proto;
     let peer = client.peer.ip();
     let mut out = [
@@ -266,7 +265,7 @@ pub(crate) fn forwarding(client: &ClientSide) -> [Option<(HeaderName, HeaderValu
         forwarded.push_str("\"[");
     }
     let ip_start = forwarded.len();
-    let _ = write!(forwarded, "{peer}");
+    push_ip(&mut forwarded, peer);
     let ip_end = forwarded.len();
     if peer.is_ipv6() {
         forwarded.push_str("]\"");
@@ -300,6 +299,26 @@ pub(crate) fn forwarding(client: &ClientSide) -> [Option<(HeaderName, HeaderValu
         .ok()
         .map(|v| (header::FORWARDED, v));
     out
+}
+
+/// `ip` as `Display` writes it; an IPv4 address without `fmt`'s machinery,
+/// which took a third of what the forwarding headers cost a request.
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    use std::fmt::Write as _;
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let mut digits = itoa::Buffer::new();
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(digits.format(octet));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 /// A forwarding header a client may send and archmerge replaces.
@@ -520,6 +539,23 @@ mod tests {
             [r#"for="[::1]";host="a\"b\\c";proto=https"#]
         );
         assert_eq!(values(&h, "x-forwarded-for"), ["::1"]);
+    }
+
+    #[test]
+    fn an_address_is_written_as_display_writes_it() {
+        for ip in [
+            "10.0.0.7",
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "::1",
+            "::ffff:10.0.0.7",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]
