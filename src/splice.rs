@@ -662,12 +662,17 @@ async fn read_head(conn: &mut TcpStream) -> io::Result<Answer> {
 }
 
 /// The answer's head once `buf` holds all of it; the body bytes stay in
-/// `buf`.
+/// `buf`. The header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
-    let mut slots = [httparse::EMPTY_HEADER; 64];
-    let mut parsed = httparse::Response::new(&mut slots);
     let bad = |e: &dyn std::fmt::Display| io::Error::other(format!("the registry's answer: {e}"));
-    let len = match parsed.parse(buf).map_err(|e| bad(&e))? {
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 64];
+    let mut parsed = httparse::Response::new(&mut []);
+    let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut parsed,
+        buf,
+        &mut slots,
+    );
+    let len = match parsing.map_err(|e| bad(&e))? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
@@ -675,18 +680,43 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
         return Err(bad(&"not HTTP/1.1"));
     }
     let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|e| bad(&e))?;
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Names now, values once the head is split off and shared.
+    let base = buf.as_ptr() as usize;
+    let mut fields = Vec::with_capacity(parsed.headers.len());
     for h in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|e| bad(&e))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|e| bad(&e))?;
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((header_name(h.name)?, start..start + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|e| bad(&e))?;
         headers.append(name, value);
     }
-    let _ = buf.split_to(len);
     Ok(Some(Answer {
         status,
         headers,
         rest: std::mem::take(buf),
     }))
+}
+
+/// Names a registry sends that `HeaderName` does not know, made once: each
+/// would otherwise be lowercased into an allocation of its own per answer.
+const REGISTRY_NAMES: [HeaderName; 3] = [
+    HeaderName::from_static("docker-content-digest"),
+    HeaderName::from_static("docker-distribution-api-version"),
+    HeaderName::from_static("x-content-type-options"),
+];
+
+fn header_name(raw: &str) -> io::Result<HeaderName> {
+    if let Some(known) = REGISTRY_NAMES
+        .iter()
+        .find(|known| known.as_str().eq_ignore_ascii_case(raw))
+    {
+        return Ok(known.clone());
+    }
+    HeaderName::from_bytes(raw.as_bytes())
+        .map_err(|e| io::Error::other(format!("the registry's answer: {e}")))
 }
 
 /// The request [`forward`] would send, as HTTP/1.1 bytes, written straight
@@ -795,11 +825,14 @@ mod tests {
     #[test]
     fn an_answer_head_is_parsed_and_its_body_bytes_kept() {
         let mut buf = BytesMut::from(
-            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nDocker-Content-Digest: sha256:x\r\n\r\nhello"[..],
+            &b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nDocker-Content-Digest: sha256:x\r\nX-Other: 1\r\n\r\nhello"[..],
         );
         let answer = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(answer.status, StatusCode::OK);
         assert_eq!(answer.headers["content-length"], "10");
+        assert_eq!(answer.headers["docker-content-digest"], "sha256:x");
+        assert_eq!(answer.headers["x-other"], "1");
+        assert_eq!(answer.headers.len(), 3);
         assert_eq!(&answer.rest[..], b"hello");
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Le"[..]);
         assert!(parse_head(&mut partial).unwrap().is_none());
