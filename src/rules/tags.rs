@@ -204,6 +204,11 @@ pub struct Pattern {
     source: String,
     /// The pattern split into literal text and placeholders.
     segments: Vec<Segment>,
+    /// Where `{tag}` is among `segments`, if it is there.
+    tag_at: Option<usize>,
+    /// Bytes of literal text: every tag the pattern fits is longer than
+    /// that by its alias, and by its target when it has `{tag}`.
+    literal_len: usize,
 }
 
 impl Pattern {
@@ -268,9 +273,18 @@ impl Pattern {
         if !segments.contains(&Segment::Arch) {
             return Err(RuleError::MissingArch(s.to_owned()));
         }
+        let literal_len = segments
+            .iter()
+            .map(|s| match s {
+                Segment::Literal(l) => l.len(),
+                Segment::Arch | Segment::Tag => 0,
+            })
+            .sum();
         Ok(Pattern {
             source: s.to_owned(),
+            tag_at: segments.iter().position(|s| *s == Segment::Tag),
             segments,
+            literal_len,
         })
     }
 
@@ -299,7 +313,7 @@ impl Pattern {
 
     /// Whether the pattern has `{tag}` (otherwise its target is `latest`).
     pub fn has_tag(&self) -> bool {
-        self.segments.contains(&Segment::Tag)
+        self.tag_at.is_some()
     }
 
     /// Fits `tag` to the pattern with `{arch}` = `alias`: the text left for `{tag}` (possibly
@@ -309,14 +323,25 @@ impl Pattern {
     /// and suffix test: no backtracking, no regex.
     fn match_alias<'t>(&self, tag: &'t str, alias: &str) -> Option<&'t str> {
         // Called for every (alias, pattern) pair of every tag a repository
-        // lists: strips the segments off both ends, allocating nothing.
-        let split = self.segments.iter().position(|s| *s == Segment::Tag);
-        let (before, after) = self.segments.split_at(split.unwrap_or(self.segments.len()));
+        // lists and of every tag served: most pairs are ruled out by the
+        // tag's length alone; the rest strips the segments off both ends,
+        // allocating nothing.
+        let fixed = self.literal_len + alias.len();
+        let fits = match self.tag_at {
+            Some(_) => tag.len() >= fixed,
+            None => tag.len() == fixed,
+        };
+        if !fits {
+            return None;
+        }
+        let (before, after) = self
+            .segments
+            .split_at(self.tag_at.unwrap_or(self.segments.len()));
         let mut rest = tag;
         for segment in before {
             rest = rest.strip_prefix(segment.text(alias))?;
         }
-        if split.is_none() {
+        if self.tag_at.is_none() {
             return rest.is_empty().then_some(DEFAULT_TARGET);
         }
         for segment in after[1..].iter().rev() {
