@@ -664,7 +664,6 @@ async fn read_head(conn: &mut TcpStream) -> io::Result<Answer> {
 /// The answer's head once `buf` holds all of it; the body bytes stay in
 /// `buf`. The header values are slices of the head's bytes, not copies.
 fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
-    let bad = |e: &dyn std::fmt::Display| io::Error::other(format!("the registry's answer: {e}"));
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 64];
     let mut parsed = httparse::Response::new(&mut []);
     let parsing = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -672,14 +671,14 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
         buf,
         &mut slots,
     );
-    let len = match parsing.map_err(|e| bad(&e))? {
+    let len = match parsing.map_err(bad_answer)? {
         httparse::Status::Complete(len) => len,
         httparse::Status::Partial => return Ok(None),
     };
     if parsed.version != Some(1) {
-        return Err(bad(&"not HTTP/1.1"));
+        return Err(bad_answer("not HTTP/1.1"));
     }
-    let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|e| bad(&e))?;
+    let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(bad_answer)?;
     // Names now, values once the head is split off and shared.
     let base = buf.as_ptr() as usize;
     let mut fields = Vec::with_capacity(parsed.headers.len());
@@ -690,7 +689,7 @@ fn parse_head(buf: &mut BytesMut) -> io::Result<Option<Answer>> {
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(fields.len());
     for (name, value) in fields {
-        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|e| bad(&e))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(bad_answer)?;
         headers.append(name, value);
     }
     Ok(Some(Answer {
@@ -715,15 +714,18 @@ fn header_name(raw: &str) -> io::Result<HeaderName> {
     {
         return Ok(known.clone());
     }
-    HeaderName::from_bytes(raw.as_bytes())
-        .map_err(|e| io::Error::other(format!("the registry's answer: {e}")))
+    HeaderName::from_bytes(raw.as_bytes()).map_err(bad_answer)
+}
+
+fn bad_answer(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(format!("the registry's answer: {e}"))
 }
 
 /// The request [`forward`] would send, as HTTP/1.1 bytes, written straight
 /// from the client's headers (no rewritten copy of them is made): the
 /// registry's `Host` (`authority` when [`crate::upstream::Upstream::host`]
-/// has none), what [`forward::StaysBehind`] keeps, and archmerge's
-/// [`forward::forwarding`] headers; with `length`, the `Content-Length` is
+/// has none), the client's headers but those [`forward::StaysBehind`]
+/// holds back, and archmerge's [`forward::forwarding`] headers; with `length`, the `Content-Length` is
 /// that (a spliced body's, which hyper saw as 0).
 fn request_head<B>(
     upstream: &crate::upstream::Upstream,
