@@ -210,23 +210,42 @@ fn rewrite_request_headers(
 /// itself when the body is first polled); and every forwarding header,
 /// since archmerge sends its own ([`forwarding`]).
 pub(crate) struct StaysBehind<'a> {
-    /// The request's headers, when it has a `Connection` header whose
-    /// options may name more.
-    connection: Option<&'a HeaderMap>,
+    hop_by_hop: HopByHop<'a>,
 }
 
 impl<'a> StaysBehind<'a> {
     pub(crate) fn of(headers: &'a HeaderMap) -> StaysBehind<'a> {
         StaysBehind {
-            connection: headers.contains_key(header::CONNECTION).then_some(headers),
+            hop_by_hop: HopByHop::of(headers),
         }
     }
 
     pub(crate) fn contains(&self, name: &HeaderName) -> bool {
         *name == header::HOST
             || *name == header::EXPECT
-            || is_hop_by_hop(name)
             || is_forwarding(name)
+            || self.hop_by_hop.contains(name)
+    }
+}
+
+/// Which of a message's headers describe one connection, not the message
+/// (RFC 9110 §7.6.1): the [`HOP_BY_HOP`] ones and any its `Connection`
+/// headers name.
+struct HopByHop<'a> {
+    /// The message's headers, when it has a `Connection` header whose
+    /// options may name more.
+    connection: Option<&'a HeaderMap>,
+}
+
+impl<'a> HopByHop<'a> {
+    fn of(headers: &'a HeaderMap) -> HopByHop<'a> {
+        HopByHop {
+            connection: headers.contains_key(header::CONNECTION).then_some(headers),
+        }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        is_hop_by_hop(name)
             || self.connection.is_some_and(|headers| {
                 connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(name.as_str()))
             })
@@ -378,20 +397,20 @@ pub fn proxy_error(e: UpstreamError) -> ProxyError {
     }
 }
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1),
-/// plus any the `Connection` header names.
+/// Removes the headers that describe one connection ([`HopByHop`]).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one scan instead of a removal for each.
+    // Most messages carry none (a `Connection` header is one itself): one
+    // scan instead of a removal for each.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = connection_tokens(headers)
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+    let hop_by_hop = HopByHop::of(headers);
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| hop_by_hop.contains(n))
+        .cloned()
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in HOP_BY_HOP {
+    for name in gone {
         headers.remove(name);
     }
 }
@@ -407,7 +426,7 @@ pub(crate) fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &st
         .map(str::trim)
 }
 
-/// The headers [`strip_hop_by_hop`] removes whatever `Connection` says.
+/// The headers [`HopByHop`] names whatever `Connection` says.
 const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "proxy-authenticate",
