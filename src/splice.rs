@@ -510,15 +510,7 @@ impl Downloads {
             headers,
             mut rest,
         } = answer;
-        if headers.contains_key(header::TRANSFER_ENCODING) {
-            return None;
-        }
-        let length: u64 = headers
-            .get(header::CONTENT_LENGTH)?
-            .to_str()
-            .ok()?
-            .parse()
-            .ok()?;
+        let length = fixed_length(&headers)?;
         if (rest.len() as u64) > length {
             // More than one answer to one request: not a registry to trust
             // with a pooled connection.
@@ -583,6 +575,20 @@ fn response(status: StatusCode, headers: HeaderMap, body: Body) -> Response<Body
     resp
 }
 
+/// The length of an answer's body framed by `Content-Length` alone; `None`
+/// for chunked framing or no readable length.
+fn fixed_length(headers: &HeaderMap) -> Option<u64> {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        return None;
+    }
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
 /// Whether the registry closes the connection after this answer.
 fn closes(headers: &HeaderMap) -> bool {
     forward::connection_tokens(headers).any(|t| t.eq_ignore_ascii_case("close"))
@@ -611,13 +617,7 @@ async fn read_small_body(
     if head_only {
         return Ok(rest.is_empty().then(|| (status, headers, Bytes::new())));
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) {
-        return Ok(None);
-    }
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let length = fixed_length(&headers).and_then(|l| usize::try_from(l).ok());
     let Some(length) = length.filter(|&l| l <= MAX_SMALL_BODY && rest.len() <= l) else {
         return Ok(None);
     };
@@ -725,8 +725,9 @@ fn bad_answer(e: impl std::fmt::Display) -> io::Error {
 /// from the client's headers (no rewritten copy of them is made): the
 /// registry's `Host` (`authority` when [`crate::upstream::Upstream::host`]
 /// has none), the client's headers but those [`forward::StaysBehind`]
-/// holds back, and archmerge's [`forward::forwarding`] headers; with `length`, the `Content-Length` is
-/// that (a spliced body's, which hyper saw as 0).
+/// holds back, and archmerge's [`forward::forwarding`] headers; with
+/// `length`, the `Content-Length` is that (a spliced body's, which hyper
+/// saw as 0).
 fn request_head<B>(
     upstream: &crate::upstream::Upstream,
     req: &Request<B>,
@@ -737,10 +738,10 @@ fn request_head<B>(
     let mut head = Vec::with_capacity(512);
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
     request_line(&mut head, req.method(), path);
-    match upstream.host() {
-        Some(host) => header_line(&mut head, header::HOST.as_str(), host.as_bytes()),
-        None => header_line(&mut head, header::HOST.as_str(), authority.as_bytes()),
-    }
+    let host = upstream
+        .host()
+        .map_or(authority.as_bytes(), |h| h.as_bytes());
+    header_line(&mut head, header::HOST.as_str(), host);
     let stays = forward::StaysBehind::of(req.headers());
     for (name, value) in req.headers() {
         let replaced = length.is_some() && *name == header::CONTENT_LENGTH;
