@@ -25,7 +25,7 @@ use crate::merge::{Desired, MergeError, Merger, Survey};
 use crate::metrics::{CacheLabels, Metrics};
 use crate::oci::{ErrorCode, MAX_MANIFEST_BYTES};
 use crate::route::Reference;
-use crate::upstream::{Auth, MANIFEST_ACCEPT};
+use crate::upstream::{manifest_path, Auth, MANIFEST_ACCEPT};
 
 /// A synthesized index, ready to serve.
 #[derive(Debug)]
@@ -422,7 +422,7 @@ async fn probe(
         if let Some(authorization) = auth.header() {
             headers.insert(header::AUTHORIZATION, authorization.clone());
         }
-        let path = format!("/v2/{repo}/manifests/{}", served.probe);
+        let path = manifest_path(repo, &served.probe);
         if let Some(answer) = app.downloads.small(method, &path, &headers).await {
             let answer = answer.map_err(proxy_error)?;
             return Ok((!answer.status().is_success())

@@ -27,6 +27,11 @@ mod blobs;
 mod pace;
 mod token;
 
+/// The registry path of a manifest, by tag or digest.
+pub fn manifest_path(repo: &str, reference: &str) -> String {
+    format!("/v2/{repo}/manifests/{reference}")
+}
+
 /// Every manifest media type archmerge understands, sent as `Accept` on its
 /// own manifest reads so the registry never converts what it returns.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -473,7 +478,7 @@ impl Upstream {
         reference: &str,
         auth: &Auth,
     ) -> Result<Option<FetchedManifest>, UpstreamError> {
-        let path = format!("/v2/{repo}/manifests/{reference}");
+        let path = manifest_path(repo, reference);
         let resp = self
             .call(Method::GET, &path, auth, Some(MANIFEST_ACCEPT), None)
             .await?;
@@ -502,7 +507,7 @@ impl Upstream {
         reference: &str,
         auth: &Auth,
     ) -> Result<Option<String>, UpstreamError> {
-        let path = format!("/v2/{repo}/manifests/{reference}");
+        let path = manifest_path(repo, reference);
         let resp = self
             .call(Method::HEAD, &path, auth, Some(MANIFEST_ACCEPT), None)
             .await?;
@@ -535,7 +540,7 @@ impl Upstream {
         method: Method,
         auth: &Auth,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let path = format!("/v2/{repo}/manifests/{reference}");
+        let path = manifest_path(repo, reference);
         self.call(method, &path, auth, Some(MANIFEST_ACCEPT), None)
             .await
     }
@@ -549,7 +554,7 @@ impl Upstream {
         bytes: Bytes,
         auth: &Auth,
     ) -> Result<(), UpstreamError> {
-        let path = format!("/v2/{repo}/manifests/{reference}");
+        let path = manifest_path(repo, reference);
         let resp = self
             .call(Method::PUT, &path, auth, None, Some((media_type, bytes)))
             .await?;
@@ -564,7 +569,7 @@ impl Upstream {
         digest: &str,
         auth: &Auth,
     ) -> Result<(), UpstreamError> {
-        let path = format!("/v2/{repo}/manifests/{digest}");
+        let path = manifest_path(repo, digest);
         let resp = self.call(Method::DELETE, &path, auth, None, None).await?;
         if resp.status() == StatusCode::NOT_FOUND {
             return Ok(());
