@@ -47,7 +47,8 @@ pub fn v2_status(port: u16) -> Option<u16> {
 }
 
 /// Waits until `GET /v2/` on `port` gets an HTTP answer whose status
-/// `ready` accepts, or the child exits, or [`STARTUP`] passes.
+/// `ready` accepts from the child's own listener, or the child exits, or
+/// [`STARTUP`] passes.
 pub(super) fn wait_for(
     child: &mut Child,
     port: u16,
@@ -59,13 +60,43 @@ pub(super) fn wait_for(
             return Err(format!("exited early with {status}"));
         }
         match v2_status(port) {
-            Some(code) if ready(code) => return Ok(()),
+            // Only the child's own listener counts: one that lost `port` to
+            // another test's process between `free_port` and its bind gets
+            // that process's answer while it is still on its way to failing.
+            Some(code) if ready(code) && listens_on(child.id(), port) => return Ok(()),
             _ if Instant::now() > deadline => {
                 return Err(format!("no answer on GET /v2/ within {STARTUP:?}"))
             }
             _ => std::thread::sleep(Duration::from_millis(50)),
         }
     }
+}
+
+/// Whether process `pid` holds the socket listening on loopback `port`:
+/// the listening socket's inode (`/proc/net/tcp`, `tcp6`) is among the
+/// process's open files.
+fn listens_on(pid: u32, port: u16) -> bool {
+    let port = format!(":{port:04X}");
+    let listening: Vec<String> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|table| fs::read_to_string(table).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    // local address, state (0A: LISTEN), inode
+                    let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+                    (local.ends_with(&port) && *state == "0A").then(|| format!("socket:[{inode}]"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.filter_map(|fd| fs::read_link(fd.ok()?.path()).ok())
+        .any(|target| listening.iter().any(|l| target.as_os_str() == l.as_str()))
 }
 
 pub(super) fn read_log(path: &Path) -> String {
