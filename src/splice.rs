@@ -55,6 +55,7 @@ use crate::forward::{self, ClientSide};
 use crate::metrics::Metrics;
 use crate::upstream::UpstreamError;
 
+mod chunks;
 mod upload;
 
 pub(crate) use upload::{Framer, Uplink, Upload};
@@ -733,7 +734,7 @@ fn request_head<B>(
     req: &Request<B>,
     client: &ClientSide,
     authority: &str,
-    length: Option<u64>,
+    body: Option<&upload::Framing>,
 ) -> Vec<u8> {
     let mut head = Vec::with_capacity(512);
     let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -744,7 +745,7 @@ fn request_head<B>(
     header_line(&mut head, header::HOST.as_str(), host);
     let stays = forward::StaysBehind::of(req.headers());
     for (name, value) in req.headers() {
-        let replaced = length.is_some() && *name == header::CONTENT_LENGTH;
+        let replaced = body.is_some() && *name == header::CONTENT_LENGTH;
         if !replaced && !stays.contains(name) {
             header_line(&mut head, name.as_str(), value.as_bytes());
         }
@@ -752,13 +753,19 @@ fn request_head<B>(
     for (name, value) in forward::forwarding(client).iter().flatten() {
         header_line(&mut head, name.as_str(), value.as_bytes());
     }
-    if let Some(length) = length {
-        let mut digits = itoa::Buffer::new();
-        header_line(
-            &mut head,
-            header::CONTENT_LENGTH.as_str(),
-            digits.format(length).as_bytes(),
-        );
+    match body {
+        Some(upload::Framing::Length(length)) => {
+            let mut digits = itoa::Buffer::new();
+            header_line(
+                &mut head,
+                header::CONTENT_LENGTH.as_str(),
+                digits.format(*length).as_bytes(),
+            );
+        }
+        Some(upload::Framing::Chunked(_)) => {
+            header_line(&mut head, header::TRANSFER_ENCODING.as_str(), b"chunked");
+        }
+        None => {}
     }
     head.extend_from_slice(b"\r\n");
     head
@@ -849,13 +856,24 @@ mod tests {
         upstream: &crate::upstream::Upstream,
         req: &Request<()>,
         client: &ClientSide,
-        length: Option<u64>,
+        body: Option<&upload::Framing>,
     ) -> Vec<String> {
         let (parts, ()) = req.clone().into_parts();
         let mut out = forward::upstream_request(upstream, parts, body::empty(), client);
-        if let Some(length) = length {
-            out.headers_mut()
-                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+        // What the pooled client adds for a body of that framing.
+        match body {
+            Some(upload::Framing::Length(length)) => {
+                out.headers_mut()
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(*length));
+            }
+            Some(upload::Framing::Chunked(_)) => {
+                out.headers_mut().remove(header::CONTENT_LENGTH);
+                out.headers_mut().insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
+            None => {}
         }
         let path = out.uri().path_and_query().map_or("/", |p| p.as_str());
         lines(&head_bytes(out.method(), path, out.headers(), "unused"))
@@ -909,9 +927,17 @@ mod tests {
             ("docker-content-digest", "sha256:x"),
         ];
         for headers in [plain, hostile, &[]] {
-            for (method, length) in [(Method::GET, None), (Method::PUT, Some(1u64 << 30))] {
+            let framings = [
+                (Method::GET, None),
+                (Method::PUT, Some(upload::Framing::Length(1 << 30))),
+                (
+                    Method::PATCH,
+                    Some(upload::Framing::Chunked(Default::default())),
+                ),
+            ];
+            for (method, body) in &framings {
                 let mut req = Request::new(());
-                *req.method_mut() = method;
+                *req.method_mut() = method.clone();
                 *req.uri_mut() = "/v2/a/b/blobs/uploads/u?_state=x%2By&digest=sha256:1"
                     .parse()
                     .unwrap();
@@ -921,8 +947,17 @@ mod tests {
                         HeaderValue::from_static(value),
                     );
                 }
-                let straight = lines(&request_head(&upstream, &req, &client, "unused", length));
-                assert_eq!(straight, forwarded_head(&upstream, &req, &client, length));
+                let straight = lines(&request_head(
+                    &upstream,
+                    &req,
+                    &client,
+                    "unused",
+                    body.as_ref(),
+                ));
+                assert_eq!(
+                    straight,
+                    forwarded_head(&upstream, &req, &client, body.as_ref())
+                );
                 assert!(
                     straight.contains(&"host: 127.0.0.1:5000".to_owned()),
                     "{straight:?}"

@@ -139,3 +139,35 @@ fn docker_engine_pull_platform_gets_the_image_pushed_for_that_arch() {
         docker(&["rmi", &target]);
     }
 }
+
+/// docker sends each layer as one chunked PATCH: archmerge splices it,
+/// framing and all, and the image pulls back whole.
+#[test]
+fn docker_engine_push_of_a_large_layer_is_spliced_and_pulls_back_whole() {
+    require_docker_engine();
+    let s = Stack::new();
+    let mut local = Local::default();
+    let tag = format!("{}/engine/large:v1", s.proxy.host());
+    // Text from random bytes, so the gzipped layer stays megabytes long.
+    let content: String = Seeded::bytes(31, 4 << 20)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    build(&mut local, "linux/amd64", &tag, &content);
+    let digest = push(&tag);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let spliced = rt.block_on(s.metric("archmerge_spliced_upload_bytes_total"));
+    assert!(
+        spliced >= (3 << 20) as f64,
+        "only {spliced} bytes of docker's layer upload spliced"
+    );
+
+    docker(&["rmi", &tag]);
+    let by_digest = format!("{}/engine/large@{digest}", s.proxy.host());
+    local.images.push(by_digest.clone());
+    docker(&["pull", &by_digest]);
+    assert!(
+        arch_file(&mut local, &by_digest) == content,
+        "the pulled layer's file is not the one pushed"
+    );
+}

@@ -1,7 +1,7 @@
 //! Blob uploads: whichever way archmerge moves an upload's bytes (spliced
-//! from socket to socket for a `Content-Length` body on a plaintext
-//! HTTP/1.1 connection, copied for chunked bodies, HTTP/2, or when zero-copy
-//! is off), the registry stores the client's bytes exactly and the
+//! from socket to socket for a `Content-Length` or chunked body on a
+//! plaintext HTTP/1.1 connection, copied for HTTP/2, a body that came whole
+//! with its head, or when zero-copy is off), the registry stores the client's bytes exactly and the
 //! connection serves on; a client that stalls or a registry that refuses
 //! mid-body gets a clear answer and a closed connection, never a success
 //! for what the registry did not store.
@@ -73,6 +73,15 @@ fn with_digest(at: &str, digest: &str) -> String {
     format!("{at}{sep}digest={digest}")
 }
 
+/// Closes the upload session `patched` names with a PUT of `digest`, and
+/// reads the answer.
+fn close_upload(conn: &mut TcpStream, port: u16, patched: &RawAnswer, digest: &str) -> RawAnswer {
+    let at = session(patched, port);
+    conn.write_all(&head("PUT", &with_digest(&at, digest), port, 0))
+        .unwrap();
+    read_answer(conn, Duration::from_secs(10))
+}
+
 fn head(method: &str, target: &str, port: u16, len: usize) -> Vec<u8> {
     format!(
         "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
@@ -83,6 +92,23 @@ fn head(method: &str, target: &str, port: u16, len: usize) -> Vec<u8> {
 
 fn get_root(port: u16) -> Vec<u8> {
     format!("GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n").into_bytes()
+}
+
+/// A PATCH of a blob of [`SIZE`] took all of it, the requests that
+/// followed it on the connection were answered, and the PUT that closed the
+/// session stored it.
+fn assert_through(patched: &RawAnswer, followed: &[RawAnswer], put: &RawAnswer) {
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(
+        patched.header("range").as_deref(),
+        Some(format!("0-{}", SIZE - 1).as_str()),
+        "{}",
+        patched.head
+    );
+    for answer in followed {
+        assert_eq!(answer.status, 200, "after the body: {}", answer.head);
+    }
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
 }
 
 /// The blob as the registry serves it, straight from the registry.
@@ -156,17 +182,7 @@ async fn an_upload_body_is_spliced_to_the_registry_byte_for_byte_and_the_connect
         small_put.head,
         small_put.text()
     );
-    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
-    assert_eq!(
-        patched.header("range").as_deref(),
-        Some(format!("0-{}", SIZE - 1).as_str()),
-        "{}",
-        patched.head
-    );
-    for root in &roots {
-        assert_eq!(root.status, 200, "after a spliced body: {}", root.head);
-    }
-    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_through(&patched, &roots, &put);
     assert_eq!(mono.status, 201, "{}{}", mono.head, mono.text());
     assert_eq!(
         mono.header("docker-content-digest").as_deref(),
@@ -322,27 +338,173 @@ fn chunked_patch(conn: &mut TcpStream, port: u16, at: &str, body: &[u8]) -> (Raw
     (next_answer(conn), next_answer(conn))
 }
 
+/// A chunked body of `body` that a lenient reader and a strict one read
+/// alike, with what a client may send: chunks of many sizes (one byte, one
+/// of 100,000, docker's 32 KiB), upper- and lower-case hex, an extension,
+/// and a trailer field.
+fn chunked(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (first, rest) = body.split_at(1);
+    let (second, rest) = rest.split_at(100_000);
+    out.extend_from_slice(b"1;name=value\r\n");
+    out.extend_from_slice(first);
+    out.extend_from_slice(b"\r\n");
+    out.extend(format!("{:X}\r\n", second.len()).into_bytes());
+    out.extend_from_slice(second);
+    out.extend_from_slice(b"\r\n");
+    for chunk in rest.chunks(32 * 1024) {
+        out.extend(format!("{:x}\r\n", chunk.len()).into_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\nX-Trailer: done\r\n\r\n");
+    out
+}
+
+fn chunked_head(method: &str, target: &str, port: u16) -> Vec<u8> {
+    format!(
+        "{method} {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+         Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    .into_bytes()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same() {
-    // Chunked framing (how docker sends a layer): copied, and the
-    // connection serves on.
+async fn a_chunked_upload_is_spliced_framing_and_all_and_the_connection_serves_on() {
+    // How docker sends a layer: one chunked PATCH. Its first 200,000 bytes
+    // come in writes of 1,000, so lines of framing break across pieces;
+    // two requests follow it on the connection.
     let s = Stack::new();
     let port = s.proxy.port();
-    let blob = Seeded::bytes(15, 3 << 20);
+    let blob = Seeded::bytes(24, SIZE);
+    let digest = digest_of(&blob);
+    let d = digest.clone();
+    let (patched, roots, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        conn.set_nodelay(true).unwrap();
+        let at = start_upload(&mut conn, port, "up/chunked");
+        let mut req = chunked_head("PATCH", &at, port);
+        req.extend(chunked(&blob));
+        req.extend(get_root(port));
+        req.extend(get_root(port));
+        let (pieces, whole) = req.split_at(200_000);
+        for piece in pieces.chunks(1000) {
+            conn.write_all(piece).unwrap();
+        }
+        conn.write_all(whole).unwrap();
+        let patched = next_answer(&mut conn);
+        let roots = [next_answer(&mut conn), next_answer(&mut conn)];
+        let put = close_upload(&mut conn, port, &patched, &d);
+        (patched, roots, put)
+    })
+    .await
+    .unwrap();
+    assert_through(&patched, &roots, &put);
+    assert_eq!(stored(&s, "up/chunked", &digest).await, Some(digest));
+    let spliced = s.metric(SPLICED).await;
+    assert!(
+        spliced >= (SIZE - 256 * 1024) as f64,
+        "only {spliced} bytes of a chunked body of {SIZE} spliced"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_upload_whose_framing_breaks_gets_400_its_connection_closed_and_nothing_stored() {
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(25, 2 << 20);
+    let digest = digest_of(&blob);
+    // After a good first MiB: a size that is not hex, data longer than
+    // its size, and the client ending its side in the middle of a chunk.
+    let endings: [(&str, &[u8]); 3] = [
+        ("a size that is not hex", b"zz\r\nhello\r\n0\r\n\r\n"),
+        ("data past its size", b"2\r\nhello\r\n0\r\n\r\n"),
+        ("an end mid-chunk", b"100000\r\nhello"),
+    ];
+    for (what, ending) in endings {
+        let b = blob.clone();
+        let (answer, closed) = tokio::task::spawn_blocking(move || {
+            let mut conn = connect(port);
+            let at = start_upload(&mut conn, port, "up/broken");
+            let mut req = chunked_head("PATCH", &at, port);
+            req.extend(format!("{:x}\r\n", 1 << 20).into_bytes());
+            req.extend_from_slice(&b[..1 << 20]);
+            req.extend_from_slice(b"\r\n");
+            conn.write_all(&req).unwrap();
+            // The good part is on its way to the registry before the rest
+            // comes.
+            std::thread::sleep(Duration::from_millis(200));
+            conn.write_all(ending).unwrap();
+            if ending.ends_with(b"hello") {
+                conn.shutdown(std::net::Shutdown::Write).unwrap();
+            }
+            let answer = read_answer(&mut conn, Duration::from_secs(10));
+            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let closed = matches!(
+                std::io::Read::read(&mut conn, &mut [0u8; 64]),
+                Ok(0) | Err(_)
+            );
+            (answer, closed)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            answer.status,
+            400,
+            "{what}: {}{}",
+            answer.head,
+            answer.text()
+        );
+        assert_eq!(
+            oci_error_codes(&answer.body),
+            ["BLOB_UPLOAD_INVALID"],
+            "{what}"
+        );
+        assert_eq!(
+            answer.header("connection").map(|c| c.to_ascii_lowercase()),
+            Some("close".into()),
+            "{what}: {}",
+            answer.head
+        );
+        assert!(closed, "{what}: the connection stayed open");
+    }
+    assert_eq!(stored(&s, "up/broken", &digest).await, None);
+    assert!(
+        s.metric(SPLICED).await >= (3 * ((1 << 20) - 64 * 1024)) as f64,
+        "the good first MiBs were not spliced"
+    );
+
+    // archmerge serves on: the same blob, chunked, is stored.
+    let b = blob.clone();
+    let (patched, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/broken");
+        let (patched, _) = chunked_patch(&mut conn, port, &at, &b);
+        let put = close_upload(&mut conn, port, &patched, &digest_of(&b));
+        (patched, put)
+    })
+    .await
+    .unwrap();
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_eq!(stored(&s, "up/broken", &digest).await, Some(digest));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same() {
+    // A small chunked body that comes whole with its head (docker's image
+    // config): read the ordinary way, and the connection serves on.
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(15, 1199);
     let digest = digest_of(&blob);
     let (b, d) = (blob.clone(), digest.clone());
     let (patched, root, put) = tokio::task::spawn_blocking(move || {
         let mut conn = connect(port);
         let at = start_upload(&mut conn, port, "up/chunked");
         let (patched, root) = chunked_patch(&mut conn, port, &at, &b);
-        let at = session(&patched, port);
-        conn.write_all(&head("PUT", &with_digest(&at, &d), port, 0))
-            .unwrap();
-        (
-            patched,
-            root,
-            read_answer(&mut conn, Duration::from_secs(10)),
-        )
+        let put = close_upload(&mut conn, port, &patched, &d);
+        (patched, root, put)
     })
     .await
     .unwrap();
@@ -353,7 +515,11 @@ async fn chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same(
         stored(&s, "up/chunked", &digest).await,
         Some(digest.clone())
     );
-    assert_eq!(s.metric(SPLICED).await, 0.0, "a chunked body was spliced");
+    assert_eq!(
+        s.metric(SPLICED).await,
+        0.0,
+        "a small chunked body was spliced"
+    );
 
     // HTTP/2 (prior knowledge) on an archmerge that splices HTTP/1.1.
     let h2 = reqwest::Client::builder()
@@ -436,8 +602,8 @@ async fn an_upload_pipelined_behind_a_download_waits_for_it_and_both_arrive_whol
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skopeo_pushes_a_layer_spliced_and_the_merged_tag_pulls_it_back_whole() {
     // skopeo (containers/image, as podman and buildah) sends each blob with
-    // its length: spliced. (docker sends chunked PATCHes: copied, see
-    // `chunked_http2_and_zero_copy_off_uploads_are_copied_and_stored_the_same`.)
+    // its length: spliced. (docker sends chunked PATCHes, spliced too: see
+    // `a_chunked_upload_is_spliced_framing_and_all_and_the_connection_serves_on`.)
     let s = Stack::new();
     let layout = build_oci_layout(
         &ImageSpec::new("linux", "amd64").layer(21, 3 << 20),
