@@ -225,19 +225,39 @@ impl Blob {
 
     /// The blob as a streamed request body with an exact size hint.
     pub fn body(&self) -> ReqBody {
+        self.framed(None)
+    }
+
+    /// The blob as docker sends a layer: a body of unknown length, which
+    /// hyper sends chunked, one chunk of [`DOCKER_CHUNK`] bytes per frame.
+    pub fn chunked_body(&self) -> ReqBody {
+        self.framed(Some(DOCKER_CHUNK))
+    }
+
+    fn framed(&self, pieces: Option<usize>) -> ReqBody {
         BlobBody {
             blob: self.clone(),
             left: self.size,
             i: 0,
+            pieces,
+            frame: Bytes::new(),
         }
         .boxed()
     }
 }
 
+/// The chunk size docker's client sends a layer in (Go's `io.Copy`
+/// buffer; seen on the wire).
+const DOCKER_CHUNK: usize = 32 << 10;
+
 struct BlobBody {
     blob: Blob,
     left: u64,
     i: u64,
+    /// Frames of at most this many bytes, and no size hint.
+    pieces: Option<usize>,
+    /// What is left of the frame being cut into pieces.
+    frame: Bytes,
 }
 
 impl Body for BlobBody {
@@ -248,21 +268,28 @@ impl Body for BlobBody {
         mut self: Pin<&mut Self>,
         _cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        if self.left == 0 {
-            return Poll::Ready(None);
+        if self.frame.is_empty() {
+            if self.left == 0 {
+                return Poll::Ready(None);
+            }
+            let n = self.left.min(CHUNK as u64) as usize;
+            self.frame = self.blob.frame(self.i, n);
+            self.left -= n as u64;
+            self.i += 1;
         }
-        let n = self.left.min(CHUNK as u64) as usize;
-        let data = self.blob.frame(self.i, n);
-        self.left -= n as u64;
-        self.i += 1;
+        let n = self.pieces.unwrap_or(CHUNK).min(self.frame.len());
+        let data = self.frame.split_to(n);
         Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left == 0
+        self.left == 0 && self.frame.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        SizeHint::with_exact(self.left)
+        match self.pieces {
+            Some(_) => SizeHint::default(),
+            None => SizeHint::with_exact(self.left + self.frame.len() as u64),
+        }
     }
 }

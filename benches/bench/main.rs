@@ -680,6 +680,7 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
     let meter = CpuMeter::new();
     let limit = Duration::from_secs(600);
     let mut up = Repeats::new(n);
+    let mut chunked = Repeats::new(n);
     let mut down = Repeats::new(n);
     let snap = |i: usize| [meter.seconds(s.registry_pid), meter.seconds(s.pids[i])];
     let per_gib = |i: usize, c: f64, gib: f64| {
@@ -690,37 +691,49 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         }
     };
     for round in 0..s.rounds {
-        // A fresh blob per target and round, uploaded through that target.
+        // A fresh blob per target and round, uploaded through that target
+        // with its length; then another, chunked as docker sends a layer.
         let mut digests = vec![String::new(); n];
-        for i in rotated(n, round) {
-            let t = &s.targets[i];
-            let blob = Blob::new(nonce ^ ((round as u64) << 8 | i as u64), size);
-            let digest = blob.digest();
-            let mut conn = Conn::open(t.addr).await?;
-            let c0 = snap(i);
-            let started = Instant::now();
-            tokio::time::timeout(
-                limit,
-                registry::upload(&mut conn, repo, blob.body(), size, &digest),
-            )
-            .await
-            .map_err(|_| anyhow!("upload via {} took longer than {limit:?}", t.name))?
-            .with_context(|| format!("upload via {}", t.name))?;
-            let secs = started.elapsed().as_secs_f64();
-            drop(conn);
-            procfs::settle(s.pids[i], s.steady[i]).await;
-            let c1 = snap(i);
-            up.tput[i].push(mib / secs);
-            up.registry[i].push((c1[0] - c0[0]) / gib);
-            up.proxy[i].push(per_gib(i, c1[1] - c0[1], gib));
-            say(format!(
-                "blob {:<9} round {}: up   {:>7.1} MiB/s, proxy {:.2} s/GiB",
-                t.name,
-                round + 1,
-                mib / secs,
-                (c1[1] - c0[1]) / gib
-            ));
-            digests[i] = digest;
+        for (kind, framed) in [("up", &mut up), ("upc", &mut chunked)] {
+            let salt = if kind == "up" { 0 } else { 1 << 16 };
+            for i in rotated(n, round) {
+                let t = &s.targets[i];
+                let blob = Blob::new(nonce ^ ((round as u64) << 8 | i as u64 | salt), size);
+                let digest = blob.digest();
+                let (body, length) = match kind {
+                    "up" => (blob.body(), Some(size)),
+                    _ => (blob.chunked_body(), None),
+                };
+                let mut conn = Conn::open(t.addr).await?;
+                let c0 = snap(i);
+                let started = Instant::now();
+                tokio::time::timeout(
+                    limit,
+                    registry::upload(&mut conn, repo, body, length, &digest),
+                )
+                .await
+                .map_err(|_| anyhow!("upload via {} took longer than {limit:?}", t.name))?
+                .with_context(|| format!("upload via {}", t.name))?;
+                let secs = started.elapsed().as_secs_f64();
+                drop(conn);
+                procfs::settle(s.pids[i], s.steady[i]).await;
+                let c1 = snap(i);
+                framed.tput[i].push(mib / secs);
+                framed.registry[i].push((c1[0] - c0[0]) / gib);
+                framed.proxy[i].push(per_gib(i, c1[1] - c0[1], gib));
+                say(format!(
+                    "blob {:<9} round {}: {kind:<4} {:>7.1} MiB/s, proxy {:.2} s/GiB",
+                    t.name,
+                    round + 1,
+                    mib / secs,
+                    (c1[1] - c0[1]) / gib
+                ));
+                if kind == "up" {
+                    digests[i] = digest;
+                } else {
+                    forget_blob(s, &digest);
+                }
+            }
         }
         // Each target downloads its blob, interleaved with the others.
         let mut secs = vec![0.0f64; n];
@@ -778,6 +791,18 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         2,
         (&[], Vec::new()),
     ));
+    res.tables.push(chunked.table(
+        format!(
+            "blob upload, chunked: the same, the PATCH in docker's 32 KiB chunks (no length), {} rounds",
+            s.rounds
+        ),
+        &NAMES,
+        "MiB/s",
+        0,
+        "s/GiB",
+        2,
+        (&[], Vec::new()),
+    ));
     res.tables.push(down.table(
         format!(
             "blob download: that blob {DOWNLOADS_PER_ROUND} times per round, interleaved; a repeat is one round's {DOWNLOADS_PER_ROUND}",
@@ -791,8 +816,16 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
     ));
     let peers = |r: &Repeats| PEERS.iter().map(|i| r.proxy(*i).median).collect();
     let (d, u) = (down.proxy(ARCHMERGE), up.proxy(ARCHMERGE));
+    let c = chunked.proxy(ARCHMERGE);
     versus(res, "blob download, s/GiB", d.median, peers(&down), 2);
     versus(res, "blob upload, s/GiB", u.median, peers(&up), 2);
+    versus(
+        res,
+        "blob upload chunked, s/GiB",
+        c.median,
+        peers(&chunked),
+        2,
+    );
     res.goal(
         "download proxy CPU <= 0.15 s/GiB",
         format!("{:.2} s/GiB (range {})", d.median, d.show(2)),
@@ -803,7 +836,16 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         format!("{:.2} s/GiB (range {})", u.median, u.show(2)),
         u.median <= 0.2,
     );
-    for (what, r, goal) in [("download", &down, 0.9), ("upload", &up, 0.95)] {
+    res.goal(
+        "chunked upload proxy CPU <= 0.2 s/GiB",
+        format!("{:.2} s/GiB (range {})", c.median, c.show(2)),
+        c.median <= 0.2,
+    );
+    for (what, r, goal) in [
+        ("download", &down, 0.9),
+        ("upload", &up, 0.95),
+        ("chunked upload", &chunked, 0.95),
+    ] {
         throughput_goal(res, what, r, goal, "MiB/s");
     }
     Ok(())

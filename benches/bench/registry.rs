@@ -32,12 +32,13 @@ pub const ARCHES: [(&str, &str, &str, Option<&str>); 8] = [
 ];
 
 /// Uploads a blob: `POST` a session, stream it in one `PATCH`, close with
-/// `PUT ?digest=`. The body is streamed; nothing holds the blob whole.
+/// `PUT ?digest=`. The body is streamed; nothing holds the blob whole. With
+/// no `size`, the PATCH says no length (hyper sends the body chunked).
 pub async fn upload(
     conn: &mut Conn,
     repo: &str,
     body: ReqBody,
-    size: u64,
+    size: Option<u64>,
     digest: &str,
 ) -> anyhow::Result<()> {
     let (parts, b) = conn
@@ -50,17 +51,11 @@ pub async fn upload(
         .await?;
     expect("start upload", &parts, &b, StatusCode::ACCEPTED)?;
     let session = location(&parts)?;
-    let len = size.to_string();
+    let len = size.map(|n| n.to_string());
+    let mut headers = vec![("content-type", "application/octet-stream")];
+    headers.extend(len.as_deref().map(|n| ("content-length", n)));
     let resp = conn
-        .send(
-            Method::PATCH,
-            &session,
-            &[
-                ("content-type", "application/octet-stream"),
-                ("content-length", &len),
-            ],
-            body,
-        )
+        .send(Method::PATCH, &session, &headers, body)
         .await
         .context("PATCH blob")?;
     let (parts, b) = resp.into_parts();
@@ -86,7 +81,7 @@ pub async fn upload_small(
 ) -> anyhow::Result<(String, u64)> {
     let digest = sha256(&bytes);
     let size = bytes.len() as u64;
-    upload(conn, repo, client::full(bytes), size, &digest).await?;
+    upload(conn, repo, client::full(bytes), Some(size), &digest).await?;
     Ok((digest, size))
 }
 
@@ -204,9 +199,12 @@ pub async fn round_trip(
 ) -> anyhow::Result<(f64, f64)> {
     let limit = std::time::Duration::from_secs(600);
     let started = std::time::Instant::now();
-    tokio::time::timeout(limit, upload(conn, repo, blob.body(), blob.size(), digest))
-        .await
-        .map_err(|_| anyhow!("blob upload took longer than {limit:?}"))??;
+    tokio::time::timeout(
+        limit,
+        upload(conn, repo, blob.body(), Some(blob.size()), digest),
+    )
+    .await
+    .map_err(|_| anyhow!("blob upload took longer than {limit:?}"))??;
     let up = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
     let got = tokio::time::timeout(limit, download(conn, repo, digest))
