@@ -212,6 +212,7 @@ impl Chunks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     /// The bytes of a body, whole, then fed one byte at a time: how many
     /// belong to it, and whether it is over.
@@ -326,5 +327,60 @@ mod tests {
             trailers.extend_from_slice(b"\r\n");
         }
         assert_eq!(follow(&trailers), Err(ChunkError::LongTrailers));
+    }
+
+    proptest! {
+        /// However a well-framed body is cut into pieces, the pieces fed
+        /// one after another end exactly where the body does, and the
+        /// request after it is left alone.
+        #[test]
+        fn a_body_cut_anywhere_ends_where_it_ends(
+            chunks in proptest::collection::vec(
+                (proptest::collection::vec(any::<u8>(), 1..300), any::<bool>(), any::<bool>()),
+                0..12,
+            ),
+            trailers in proptest::collection::vec("[A-Za-z-]{1,12}: [ -~]{0,20}", 0..3),
+            cuts in proptest::collection::vec(any::<proptest::sample::Index>(), 0..8),
+        ) {
+            let mut body = Vec::new();
+            for (data, upper, extension) in &chunks {
+                let size = if *upper {
+                    format!("{:X}", data.len())
+                } else {
+                    format!("{:x}", data.len())
+                };
+                body.extend(size.into_bytes());
+                if *extension {
+                    body.extend_from_slice(b";name=\"va lue\"");
+                }
+                body.extend_from_slice(b"\r\n");
+                body.extend_from_slice(data);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n");
+            for t in &trailers {
+                body.extend_from_slice(t.as_bytes());
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"\r\n");
+            let len = body.len();
+            body.extend_from_slice(b"GET /v2/ HTTP/1.1\r\n\r\n");
+
+            let mut at: Vec<usize> = cuts.iter().map(|i| i.index(body.len())).collect();
+            at.push(body.len());
+            at.sort_unstable();
+            let mut chunks = Chunks::default();
+            let (mut from, mut used) = (0, 0);
+            for to in at {
+                let n = chunks.feed(&body[from..to]).unwrap();
+                used += n;
+                if n < to - from {
+                    break;
+                }
+                from = to;
+            }
+            prop_assert!(chunks.done());
+            prop_assert_eq!(used, len);
+        }
     }
 }
