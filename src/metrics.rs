@@ -159,7 +159,7 @@ impl Metrics {
         let spliced_upload_bytes = Counter::default();
         registry.register(
             "spliced_upload_bytes",
-            "Blob bytes moved from clients to the registry by splice(2), never copied through archmerge",
+            "Blob upload bytes (a chunked body's framing included) moved from clients to the registry by splice(2), never copied through archmerge",
             spliced_upload_bytes.clone(),
         );
         let upstream_requests = Family::<MethodLabels, Counter>::default();
