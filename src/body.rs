@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -66,9 +66,9 @@ pub struct ClientBody {
     timer: Option<Pin<Box<Sleep>>>,
     /// Whether the timer runs for the current wait.
     waiting: bool,
-    /// Set when the body stalled, for a reader that only sees the error
-    /// through another (the upstream client's); made on request.
-    stalled: Option<Arc<AtomicBool>>,
+    /// How the body failed, for a reader that only sees the error through
+    /// another (the upstream client's); made on request.
+    failed: Option<Arc<Failed>>,
     /// Whether the registry sends this body (not the client).
     from_registry: bool,
     /// The body left on the client's socket to be spliced, when the
@@ -99,7 +99,7 @@ impl ClientBody {
             limit,
             timer: None,
             waiting: false,
-            stalled: None,
+            failed: None,
             from_registry: false,
             spliced: None,
         }
@@ -129,12 +129,29 @@ impl ClientBody {
         self.limit
     }
 
-    /// A flag that turns true if this body fails with
-    /// [`ClientBodyError::Stalled`].
-    pub fn stall_flag(&mut self) -> Arc<AtomicBool> {
-        self.stalled
-            .get_or_insert_with(|| Arc::new(AtomicBool::new(false)))
-            .clone()
+    /// What this body's failure, if it fails, will be recorded in.
+    pub fn failure(&mut self) -> Arc<Failed> {
+        self.failed.get_or_insert_with(Arc::default).clone()
+    }
+}
+
+/// How a client's body failed, as its reader saw it.
+#[derive(Debug, Default)]
+pub struct Failed {
+    stalled: AtomicBool,
+    broken: OnceLock<String>,
+}
+
+impl Failed {
+    /// Whether the body failed with [`ClientBodyError::Stalled`].
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// Why the client's connection broke off mid-body or its framing was
+    /// malformed, if it did or was.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.get().map(String::as_str)
     }
 }
 
@@ -149,6 +166,9 @@ impl http_body::Body for ClientBody {
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.incoming).poll_frame(cx) {
             this.waiting = false;
+            if let (Some(Err(e)), Some(failed)) = (&frame, &this.failed) {
+                let _ = failed.broken.set(e.to_string());
+            }
             return Poll::Ready(frame.map(|f| f.map_err(ClientBodyError::Read)));
         }
         let deadline = Instant::now() + this.limit;
@@ -161,8 +181,8 @@ impl http_body::Body for ClientBody {
         }
         match timer.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                if let Some(flag) = &this.stalled {
-                    flag.store(true, Ordering::Relaxed);
+                if let Some(failed) = &this.failed {
+                    failed.stalled.store(true, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Err(if this.from_registry {
                     ClientBodyError::RegistryStalled(this.limit)

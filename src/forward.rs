@@ -104,14 +104,17 @@ pub async fn forward_after(
     let repeatable =
         matches!(parts.method, http::Method::GET | http::Method::HEAD) && incoming.is_end_stream();
     if !repeatable {
-        // A stalled client body reaches us as the upstream client's error:
-        // answer it as the client's fault, not the registry's.
-        let stalled = incoming.stall_flag();
+        // A client body that stalled, broke off or was malformed reaches us
+        // as the upstream client's error: answer it as the client's fault,
+        // not the registry's.
+        let failed = incoming.failure();
         let limit = incoming.limit();
         let req = upstream_request(upstream, parts, body::stream(incoming), client);
         let resp = upstream.send(req).await.map_err(|e| {
-            if stalled.load(std::sync::atomic::Ordering::Relaxed) {
+            if failed.stalled() {
                 ProxyError::ClientStalled(limit)
+            } else if let Some(why) = failed.broken() {
+                ProxyError::UploadBroken(format!("the client's body broke off: {why}"))
             } else {
                 proxy_error(e)
             }

@@ -408,46 +408,78 @@ async fn a_chunked_upload_is_spliced_framing_and_all_and_the_connection_serves_o
     );
 }
 
+/// Ends of a chunked body after a good first MiB: a size that is not hex,
+/// data longer than its size, and the client ending its side in the middle
+/// of a chunk.
+const BROKEN_ENDINGS: [(&str, &[u8]); 3] = [
+    ("a size that is not hex", b"zz\r\nhello\r\n0\r\n\r\n"),
+    ("data past its size", b"2\r\nhello\r\n0\r\n\r\n"),
+    ("an end mid-chunk", b"100000\r\nhello"),
+];
+
+/// A chunked PATCH of the first MiB of `blob`, then `ending`: the answer,
+/// and whether the connection was closed after it.
+async fn broken_chunked_upload(port: u16, blob: &[u8], ending: &'static [u8]) -> (RawAnswer, bool) {
+    let good = blob[..1 << 20].to_vec();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/broken");
+        let mut req = chunked_head("PATCH", &at, port);
+        req.extend(format!("{:x}\r\n", good.len()).into_bytes());
+        req.extend_from_slice(&good);
+        req.extend_from_slice(b"\r\n");
+        conn.write_all(&req).unwrap();
+        // The good part is on its way to the registry before the rest
+        // comes.
+        std::thread::sleep(Duration::from_millis(200));
+        conn.write_all(ending).unwrap();
+        if ending.ends_with(b"hello") {
+            conn.shutdown(std::net::Shutdown::Write).unwrap();
+        }
+        let answer = read_answer(&mut conn, Duration::from_secs(10));
+        conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let closed = matches!(
+            std::io::Read::read(&mut conn, &mut [0u8; 64]),
+            Ok(0) | Err(_)
+        );
+        (answer, closed)
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_chunked_upload_whose_framing_breaks_gets_400_too_and_nothing_stored() {
+    // The copying path (zero_copy_uploads = false, as for TLS): the client's
+    // broken body is the client's fault, not an unreachable registry.
+    let s = Stack::with(ArchmergeOpts {
+        config_toml: Some("zero_copy_uploads = false\n".into()),
+        ..ArchmergeOpts::default()
+    });
+    let blob = Seeded::bytes(26, 2 << 20);
+    for (what, ending) in BROKEN_ENDINGS {
+        let (answer, closed) = broken_chunked_upload(s.proxy.port(), &blob, ending).await;
+        assert_eq!(
+            (answer.status, oci_error_codes(&answer.body)),
+            (400, vec!["BLOB_UPLOAD_INVALID".to_owned()]),
+            "{what}: {}{}",
+            answer.head,
+            answer.text()
+        );
+        assert!(closed, "{what}: the connection stayed open");
+    }
+    assert_eq!(stored(&s, "up/broken", &digest_of(&blob)).await, None);
+    assert_eq!(s.metric(SPLICED).await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chunked_upload_whose_framing_breaks_gets_400_its_connection_closed_and_nothing_stored() {
     let s = Stack::new();
     let port = s.proxy.port();
     let blob = Seeded::bytes(25, 2 << 20);
     let digest = digest_of(&blob);
-    // After a good first MiB: a size that is not hex, data longer than
-    // its size, and the client ending its side in the middle of a chunk.
-    let endings: [(&str, &[u8]); 3] = [
-        ("a size that is not hex", b"zz\r\nhello\r\n0\r\n\r\n"),
-        ("data past its size", b"2\r\nhello\r\n0\r\n\r\n"),
-        ("an end mid-chunk", b"100000\r\nhello"),
-    ];
-    for (what, ending) in endings {
-        let b = blob.clone();
-        let (answer, closed) = tokio::task::spawn_blocking(move || {
-            let mut conn = connect(port);
-            let at = start_upload(&mut conn, port, "up/broken");
-            let mut req = chunked_head("PATCH", &at, port);
-            req.extend(format!("{:x}\r\n", 1 << 20).into_bytes());
-            req.extend_from_slice(&b[..1 << 20]);
-            req.extend_from_slice(b"\r\n");
-            conn.write_all(&req).unwrap();
-            // The good part is on its way to the registry before the rest
-            // comes.
-            std::thread::sleep(Duration::from_millis(200));
-            conn.write_all(ending).unwrap();
-            if ending.ends_with(b"hello") {
-                conn.shutdown(std::net::Shutdown::Write).unwrap();
-            }
-            let answer = read_answer(&mut conn, Duration::from_secs(10));
-            conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            let closed = matches!(
-                std::io::Read::read(&mut conn, &mut [0u8; 64]),
-                Ok(0) | Err(_)
-            );
-            (answer, closed)
-        })
-        .await
-        .unwrap();
+    for (what, ending) in BROKEN_ENDINGS {
+        let (answer, closed) = broken_chunked_upload(port, &blob, ending).await;
         assert_eq!(
             answer.status,
             400,
