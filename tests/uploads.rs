@@ -506,6 +506,27 @@ async fn a_chunked_upload_whose_framing_breaks_gets_400_its_connection_closed_an
         "the good first MiBs were not spliced"
     );
 
+    // Framing that breaks in what came with the head: refused before the
+    // registry is asked.
+    let early = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/broken");
+        let mut req = chunked_head("PATCH", &at, port);
+        req.extend_from_slice(b"5\r\nhello\r\nzz\r\n");
+        conn.write_all(&req).unwrap();
+        read_answer(&mut conn, Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        (early.status, oci_error_codes(&early.body)),
+        (400, vec!["BLOB_UPLOAD_INVALID".to_owned()]),
+        "{}{}",
+        early.head,
+        early.text()
+    );
+    assert!(early.text().contains("not hexadecimal"), "{}", early.text());
+
     // archmerge serves on: the same blob, chunked, is stored.
     let b = blob.clone();
     let (patched, put) = tokio::task::spawn_blocking(move || {
