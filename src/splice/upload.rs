@@ -19,14 +19,14 @@
 //! no body, or is an upload it splices (the rest of a connection that sends
 //! anything else, a chunked manifest say, is hyper's alone). When a head
 //! announces an upload body to splice, hyper is handed the same head with
-//! `Content-Length: 0`, and the body is left on the socket for that request: hyper calls the service as
-//! it reads a head, before it reads another, and there the body
-//! ([`Uplink::take`]) goes into the request's [`ClientBody`]. The handler
-//! takes the socket with it; the reader gives hyper nothing more until the
-//! body is through, and hyper writes nothing meanwhile (it answers one
-//! request after another). A body that is not through (the client stopped,
-//! the registry failed) leaves the connection unusable: its answer says
-//! `Connection: close`.
+//! `Content-Length: 0`, and the body is left on the socket for that
+//! request: hyper calls the service as it reads a head, before it reads
+//! another, and there the body ([`Uplink::take`]) goes into the request's
+//! [`ClientBody`]. The handler takes the socket with it; the reader gives
+//! hyper nothing more until the body is through, and hyper writes nothing
+//! meanwhile (it answers one request after another). A body that is not
+//! through (the client stopped, the registry failed, the framing broke)
+//! leaves the connection unusable: its answer says `Connection: close`.
 //!
 //! The registry is asked on a connection of archmerge's own, made for the
 //! upload (a pooled one might have been closed by the registry meanwhile,
