@@ -449,6 +449,46 @@ async fn broken_chunked_upload(port: u16, blob: &[u8], ending: &'static [u8]) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chunked_upload_of_tiny_chunks_is_spliced_whole() {
+    // Chunks of 1 to 13 bytes: many lines of framing in each look at the
+    // socket, and the body still ends where it ends.
+    let s = Stack::new();
+    let port = s.proxy.port();
+    let blob = Seeded::bytes(27, 1 << 20);
+    let digest = digest_of(&blob);
+    let d = digest.clone();
+    let (patched, root, put) = tokio::task::spawn_blocking(move || {
+        let mut conn = connect(port);
+        let at = start_upload(&mut conn, port, "up/tiny");
+        let mut req = chunked_head("PATCH", &at, port);
+        let mut rest = &blob[..];
+        let mut size = 0;
+        while !rest.is_empty() {
+            size = size % 13 + 1;
+            let (chunk, after) = rest.split_at(size.min(rest.len()));
+            req.extend(format!("{:x}\r\n", chunk.len()).into_bytes());
+            req.extend_from_slice(chunk);
+            req.extend_from_slice(b"\r\n");
+            rest = after;
+        }
+        req.extend_from_slice(b"0\r\n\r\n");
+        req.extend(get_root(port));
+        conn.write_all(&req).unwrap();
+        let patched = next_answer(&mut conn);
+        let root = next_answer(&mut conn);
+        let put = close_upload(&mut conn, port, &patched, &d);
+        (patched, root, put)
+    })
+    .await
+    .unwrap();
+    assert_eq!(patched.status, 202, "{}{}", patched.head, patched.text());
+    assert_eq!(root.status, 200, "{}", root.head);
+    assert_eq!(put.status, 201, "{}{}", put.head, put.text());
+    assert_eq!(stored(&s, "up/tiny", &digest).await, Some(digest));
+    assert!(s.metric(SPLICED).await >= (1 << 20) as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copied_chunked_upload_whose_framing_breaks_gets_400_too_and_nothing_stored() {
     // The copying path (zero_copy_uploads = false, as for TLS): the client's
     // broken body is the client's fault, not an unreachable registry.

@@ -72,6 +72,12 @@ const MAX_HEADERS: usize = 100;
 /// mostly, and the first bytes of the chunk after it.
 const PEEK: usize = 64;
 
+/// Most bytes looked at in one peek where the chunks run small (the last
+/// one ended within this many bytes of its line of framing): many lines of
+/// framing in one look, so tiny chunks cost a look and a splice per
+/// 16 KiB, not per chunk.
+const PEEK_SMALL: usize = 16 * 1024;
+
 /// How a spliced body's end is found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Framing {
@@ -604,10 +610,12 @@ impl Downloads {
             Framing::Length(length) => Ahead {
                 known: length - upload.rest.len() as u64,
                 chunks: None,
+                small: false,
             },
             Framing::Chunked(chunks) => Ahead {
                 known: 0,
                 chunks: Some(chunks),
+                small: false,
             },
         };
         let limit = req.body().limit();
@@ -796,6 +804,8 @@ struct Ahead {
     known: u64,
     /// A chunked body's framing, followed through the `known` bytes.
     chunks: Option<Chunks>,
+    /// Whether its chunks run small: the next look takes in more.
+    small: bool,
 }
 
 impl Ahead {
@@ -808,8 +818,11 @@ impl Ahead {
         };
         self.known = chunks.take_data();
         if self.known == 0 && !chunks.done() {
-            let mut peeked = [0u8; PEEK];
-            let mut buf = ReadBuf::new(&mut peeked);
+            // Uninitialised: zeroing 16 KiB for each 32 KiB chunk would cost
+            // more than the look.
+            let mut peeked = [std::mem::MaybeUninit::<u8>::uninit(); PEEK_SMALL];
+            let len = if self.small { PEEK_SMALL } else { PEEK };
+            let mut buf = ReadBuf::uninit(&mut peeked[..len]);
             match ready!(client.poll_peek(cx, &mut buf)) {
                 Ok(0) => return Poll::Ready(Err(Broke::ClientClosed(None))),
                 Ok(_) => {}
@@ -818,6 +831,7 @@ impl Ahead {
             let n = chunks.feed(buf.filled()).map_err(Broke::Framing)?;
             // With the rest of a chunk whose data starts among them.
             self.known = n as u64 + chunks.take_data();
+            self.small = self.known < PEEK_SMALL as u64;
         }
         Poll::Ready(Ok(self.known))
     }
