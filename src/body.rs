@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body::{Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full};
 use tokio::time::{Instant, Sleep};
@@ -44,6 +44,94 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 /// An empty body.
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// Frames smaller than this are gathered ([`Gathered`]).
+const SMALL_FRAME: usize = 16 * 1024;
+
+/// Most bytes gathered into one frame.
+const GATHER: usize = 64 * 1024;
+
+/// A client's body on its way to the registry on the copying path, its
+/// small frames gathered into frames of up to [`GATHER`] bytes. hyper makes
+/// a frame of each chunk of a chunked body and the pooled client writes
+/// each frame it is handed at once: a body of 7-byte chunks cost a `writev`
+/// per chunk. Frames of [`SMALL_FRAME`] or more pass as they are; gathered
+/// bytes wait for more, the body's end, trailers or an error, never for
+/// the registry, so the client's stall timer is the only clock on them.
+pub struct Gathered<B: http_body::Body> {
+    inner: B,
+    held: BytesMut,
+    /// What came after the gathered bytes, yielded next.
+    after: Option<Option<Result<Frame<Bytes>, B::Error>>>,
+}
+
+impl<B: http_body::Body<Data = Bytes>> Gathered<B> {
+    pub fn new(inner: B) -> Gathered<B> {
+        Gathered {
+            inner,
+            held: BytesMut::new(),
+            after: None,
+        }
+    }
+}
+
+impl<B> http_body::Body for Gathered<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        if let Some(next) = this.after.take() {
+            return Poll::Ready(next);
+        }
+        loop {
+            let next = match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if this.held.is_empty() && data.len() >= SMALL_FRAME => {
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Ok(data) => {
+                        this.held.extend_from_slice(&data);
+                        if this.held.len() < GATHER {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(this.held.split().freeze()))));
+                    }
+                    Err(trailers) => Some(Ok(trailers)),
+                },
+                Poll::Ready(other) => other,
+                Poll::Pending => return Poll::Pending,
+            };
+            if this.held.is_empty() {
+                return Poll::Ready(next);
+            }
+            this.after = Some(next);
+            return Poll::Ready(Some(Ok(Frame::data(this.held.split().freeze()))));
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.held.is_empty() && self.after.is_none() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let held = self.held.len() as u64;
+        let inner = self.inner.size_hint();
+        let mut hint = SizeHint::new();
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper + held);
+        }
+        hint.set_lower(inner.lower() + held);
+        hint
+    }
 }
 
 // === the client's request body ===
@@ -200,5 +288,70 @@ impl http_body::Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         self.incoming.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::StreamBody;
+
+    type Frames = Vec<Result<Frame<Bytes>, &'static str>>;
+
+    /// What `Gathered` yields from a body of these frames, all ready.
+    async fn gathered(frames: Frames) -> Vec<Result<Frame<Bytes>, &'static str>> {
+        let mut body = Gathered::new(StreamBody::new(futures_util::stream::iter(frames)));
+        let mut out = Vec::new();
+        while let Some(frame) = body.frame().await {
+            out.push(frame);
+        }
+        assert!(body.held.is_empty() && body.after.is_none());
+        out
+    }
+
+    fn data(n: usize, byte: u8) -> Result<Frame<Bytes>, &'static str> {
+        Ok(Frame::data(Bytes::from(vec![byte; n])))
+    }
+
+    fn lens(frames: &[Result<Frame<Bytes>, &'static str>]) -> Vec<Result<usize, &'static str>> {
+        frames
+            .iter()
+            .map(|f| match f {
+                Ok(f) => Ok(f.data_ref().map_or(usize::MAX, Bytes::len)),
+                Err(e) => Err(*e),
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn small_frames_are_gathered_and_large_ones_pass_as_they_are() {
+        // 20,000 frames of 7 bytes: 140,000 bytes in frames of at most 64 KiB
+        // (plus the last small one), in order.
+        let mut frames: Frames = (0..20_000).map(|i| data(7, i as u8)).collect();
+        frames.push(data(SMALL_FRAME, 0xAA));
+        let out = gathered(frames).await;
+        let mut bytes = Vec::new();
+        for f in &out {
+            bytes.extend_from_slice(f.as_ref().unwrap().data_ref().unwrap());
+        }
+        let mut want: Vec<u8> = (0..20_000).flat_map(|i| [i as u8; 7]).collect();
+        want.extend(vec![0xAA; SMALL_FRAME]);
+        assert_eq!(bytes, want);
+        assert!(out.len() <= 4, "{:?}", lens(&out));
+        // A large frame with nothing held passes as it is.
+        let out = gathered(vec![data(SMALL_FRAME, 1), data(GATHER * 2, 2)]).await;
+        assert_eq!(lens(&out), [Ok(SMALL_FRAME), Ok(GATHER * 2)]);
+    }
+
+    #[tokio::test]
+    async fn trailers_errors_and_the_end_come_after_the_bytes_gathered_before_them() {
+        let trailers = Ok(Frame::trailers(http::HeaderMap::new()));
+        let out = gathered(vec![data(5, 1), data(5, 2), trailers]).await;
+        assert_eq!(lens(&out), [Ok(10), Ok(usize::MAX)]);
+        assert!(out[1].as_ref().unwrap().is_trailers());
+        let out = gathered(vec![data(5, 1), Err("cut off"), data(5, 2)]).await;
+        assert_eq!(lens(&out), [Ok(5), Err("cut off"), Ok(5)]);
+        assert_eq!(lens(&gathered(vec![data(3, 1)]).await), [Ok(3)]);
+        assert!(gathered(Vec::new()).await.is_empty());
     }
 }

@@ -109,7 +109,8 @@ pub async fn forward_after(
         // not the registry's.
         let failed = incoming.failure();
         let limit = incoming.limit();
-        let req = upstream_request(upstream, parts, body::stream(incoming), client);
+        let gathered = body::Gathered::new(incoming);
+        let req = upstream_request(upstream, parts, body::stream(gathered), client);
         let resp = upstream.send(req).await.map_err(|e| {
             if failed.stalled() {
                 ProxyError::ClientStalled(limit)
