@@ -67,6 +67,7 @@ pub struct Gathered<B: http_body::Body> {
 }
 
 impl<B: http_body::Body<Data = Bytes>> Gathered<B> {
+    /// `inner`, its small frames gathered.
     pub fn new(inner: B) -> Gathered<B> {
         Gathered {
             inner,
