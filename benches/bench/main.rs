@@ -694,15 +694,20 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
         // A fresh blob per target and round, uploaded through that target
         // with its length; then another, chunked as docker sends a layer.
         let mut digests = vec![String::new(); n];
-        for (kind, framed) in [("up", &mut up), ("upc", &mut chunked)] {
-            let salt = if kind == "up" { 0 } else { 1 << 16 };
+        for (is_chunked, framed) in [(false, &mut up), (true, &mut chunked)] {
+            let (kind, salt) = if is_chunked {
+                ("upc", 1 << 16)
+            } else {
+                ("up", 0)
+            };
             for i in rotated(n, round) {
                 let t = &s.targets[i];
                 let blob = Blob::new(nonce ^ ((round as u64) << 8 | i as u64 | salt), size);
                 let digest = blob.digest();
-                let (body, length) = match kind {
-                    "up" => (blob.body(), Some(size)),
-                    _ => (blob.chunked_body(), None),
+                let (body, length) = if is_chunked {
+                    (blob.chunked_body(), None)
+                } else {
+                    (blob.body(), Some(size))
                 };
                 let mut conn = Conn::open(t.addr).await?;
                 let c0 = snap(i);
@@ -728,10 +733,10 @@ async fn blobs(s: &Settings, res: &mut Results) -> anyhow::Result<()> {
                     mib / secs,
                     (c1[1] - c0[1]) / gib
                 ));
-                if kind == "up" {
-                    digests[i] = digest;
-                } else {
+                if is_chunked {
                     forget_blob(s, &digest);
+                } else {
+                    digests[i] = digest;
                 }
             }
         }
