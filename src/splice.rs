@@ -726,9 +726,9 @@ fn bad_answer(e: impl std::fmt::Display) -> io::Error {
 /// from the client's headers (no rewritten copy of them is made): the
 /// registry's `Host` (`authority` when [`crate::upstream::Upstream::host`]
 /// has none), the client's headers but those [`forward::StaysBehind`]
-/// holds back, and archmerge's [`forward::forwarding`] headers; with
-/// `length`, the `Content-Length` is that (a spliced body's, which hyper
-/// saw as 0).
+/// holds back, and archmerge's [`forward::forwarding`] headers; with a
+/// spliced `body`'s framing (which hyper saw as `Content-Length: 0`), its
+/// `Content-Length` or `Transfer-Encoding: chunked` in place of hyper's.
 fn request_head<B>(
     upstream: &crate::upstream::Upstream,
     req: &Request<B>,
