@@ -700,74 +700,70 @@ impl Downloads {
             }
         };
         let mut over = false;
-        poll_fn(|cx| loop {
+        poll_fn(|cx| 'pump: loop {
             // The pipe is filled while the client has bytes of the body for
             // it (a chunked body's chunks, one after another), then drained
             // to the registry.
-            if in_pipe < pipe_size && !over {
+            'fill: {
+                if in_pipe == pipe_size || over {
+                    break 'fill;
+                }
                 if ahead.known == 0 {
                     match ahead.follow(cx, client) {
                         Poll::Ready(Ok(0)) => {
                             over = true;
-                            continue;
+                            continue 'pump;
                         }
                         Poll::Ready(Ok(_)) => clock.waiting = None,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                         Poll::Pending if in_pipe == 0 => return wait(&mut clock, cx, true),
                         // Nothing more yet: what is in the pipe goes on.
-                        Poll::Pending => {}
+                        Poll::Pending => break 'fill,
                     }
                 }
-                let ready = if ahead.known == 0 {
-                    Poll::Pending
-                } else {
-                    client.poll_read_ready(cx)
-                };
-                match ready {
-                    Poll::Ready(Ok(())) => {
-                        let want = ahead.known.min((pipe_size - in_pipe) as u64) as usize;
-                        let splice_in = || {
-                            Ok(rustix::pipe::splice(
-                                client,
-                                None,
-                                &pipe_write,
-                                None,
-                                want,
-                                flags,
-                            )?)
-                        };
-                        // A splice into a pipe that holds something may fail
-                        // for want of a free slot as one from a socket with
-                        // nothing to read does; only a splice into an empty
-                        // pipe says the socket is empty (and clears its
-                        // readiness), or archmerge would wait for bytes that
-                        // are already there.
-                        let filled = if in_pipe == 0 {
-                            client.try_io(Interest::READABLE, splice_in)
-                        } else {
-                            splice_in()
-                        };
-                        match filled {
-                            Ok(0) => return Poll::Ready(Err(Broke::ClientClosed(ahead.to_go()))),
-                            Ok(n) => {
-                                in_pipe += n;
-                                ahead.known -= n as u64;
-                                clock.waiting = None;
-                                // All it asked for: more may be there.
-                                if n == want {
-                                    continue;
-                                }
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe == 0 => {
-                                continue
-                            }
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            Err(e) => return Poll::Ready(Err(Broke::Client(e))),
-                        }
-                    }
+                match client.poll_read_ready(cx) {
+                    Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(Broke::Client(e))),
                     Poll::Pending if in_pipe == 0 => return wait(&mut clock, cx, true),
-                    Poll::Pending => {}
+                    Poll::Pending => break 'fill,
+                }
+                let want = ahead.known.min((pipe_size - in_pipe) as u64) as usize;
+                let splice_in = || {
+                    Ok(rustix::pipe::splice(
+                        client,
+                        None,
+                        &pipe_write,
+                        None,
+                        want,
+                        flags,
+                    )?)
+                };
+                // A splice into a pipe that holds something may fail for want
+                // of a free slot as one from a socket with nothing to read
+                // does; only a splice into an empty pipe says the socket is
+                // empty (and clears its readiness), or archmerge would wait
+                // for bytes that are already there.
+                let filled = if in_pipe == 0 {
+                    client.try_io(Interest::READABLE, splice_in)
+                } else {
+                    splice_in()
+                };
+                match filled {
+                    Ok(0) => return Poll::Ready(Err(Broke::ClientClosed(ahead.to_go()))),
+                    Ok(n) => {
+                        in_pipe += n;
+                        ahead.known -= n as u64;
+                        clock.waiting = None;
+                        // All it asked for: more may be there.
+                        if n == want {
+                            continue 'pump;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && in_pipe == 0 => {
+                        continue 'pump
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Poll::Ready(Err(Broke::Client(e))),
                 }
             }
             if in_pipe == 0 {
